@@ -1,0 +1,185 @@
+"""The ``gradosr`` command.
+
+Every expected failure is a :class:`gradosr.errors.GradOSRError`: it prints one line
+``gradosr: error: …`` on stderr and exits with status 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from gradosr.errors import ConfigError, GradOSRError
+
+EXIT_ERROR = 2
+
+
+def _add_protocol_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("protocol (DESIGN.md §8)")
+    g.add_argument("--protocol", default="mnist-sample",
+                   help="mnist-sample (default), fashion-mnist, mnist, svhn, cifar10, cifar+10, cifar+50, "
+                        "tiny-imagenet, custom or cross")
+    g.add_argument("--split", type=int, default=None, help="standard split 0-4 (default 0); for cross: the seed")
+    g.add_argument("--split-seed", type=int, default=None, help="a random 6/4 split with this seed instead")
+    g.add_argument("--dataset", default=None, help="dataset of --protocol custom")
+    g.add_argument("--known", default=None, help="known class ids of --protocol custom, e.g. 0,2,4,6")
+    g.add_argument("--unknown", default=None, help="unknown class ids of --protocol custom, e.g. 1,3")
+    g.add_argument("--known-dataset", default=None, help="--protocol cross: every class of it is known")
+    g.add_argument("--unknown-dataset", default=None, help="--protocol cross: unknowns are sampled from its test set")
+    g.add_argument("--data-dir", default=None, help="data root (default: $GRADOSR_DATA or ./data)")
+
+
+def _add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("closed-set training (defaults per dataset, DESIGN.md §8)")
+    g.add_argument("--model", default=None, help="lenet, cnn32 or resnet18")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradosr",
+        description="Open-set recognition with gradient-based representations (Lee & AlRegib, ICIP 2021).",
+    )
+    parser.add_argument("--version", action="version", version=f"gradosr {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("datasets", help="list the datasets found on this machine and how to get the others")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("train", help="train the closed-set classifier of a protocol split")
+    _add_protocol_args(p)
+    _add_train_args(p)
+    _add_common_args(p)
+    p.add_argument("--out", required=True, help="run folder; the classifier goes to <out>/classifier/")
+    p.add_argument("--resume", action="store_true", help="continue an unfinished training run")
+
+    p = sub.add_parser("evaluate", help="evaluate the methods of a run on its protocol's test set")
+    p.add_argument("--run", required=True, help="run folder (from gradosr train or fit)")
+    p.add_argument("--methods", default=None, help="comma-separated method ids (default: paper,msp where available)")
+    p.add_argument("--json", default=None, help="write the results JSON here (default <run>/eval.json)")
+    p.add_argument("--data-dir", default=None)
+    _add_common_args(p)
+    return parser
+
+
+def _version() -> str:
+    from gradosr import __version__
+
+    return __version__
+
+
+def _spec_from_args(args):
+    from gradosr.data.protocols import resolve_protocol
+
+    return resolve_protocol(args.protocol, split=args.split, split_seed=args.split_seed, dataset=args.dataset,
+                            known=args.known, unknown=args.unknown, known_dataset=args.known_dataset,
+                            unknown_dataset=args.unknown_dataset)
+
+
+def _train_config_from_args(args, dataset: str):
+    from gradosr.train import default_train_config
+
+    return default_train_config(dataset, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+                                optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
+
+
+def cmd_datasets(args) -> int:
+    from gradosr.data.registry import DATASETS, data_root, locate_dataset
+
+    root = data_root(args.data_dir)
+    print(f"data root: {root.resolve()} (set with --data-dir or GRADOSR_DATA)")
+    for name, info in DATASETS.items():
+        where = locate_dataset(name, args.data_dir)
+        if where is not None:
+            status = f"found     {where}"
+        elif info.loader is None:
+            status = f"no reader {info.missing_reader}; files: {info.how_to_get}"
+        else:
+            status = f"missing   {info.how_to_get}"
+        print(f"  {name:<14} {status}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from gradosr.data.protocols import load_protocol
+    from gradosr.device import resolve_device
+    from gradosr.runs import ensure_classifier
+
+    spec = _spec_from_args(args)
+    config = _train_config_from_args(args, spec.dataset)
+    device = resolve_device(args.device)
+    data = load_protocol(spec, args.data_dir)
+    print(f"protocol {spec.label}: known {list(spec.known)}, unknown {list(spec.unknown)}; "
+          f"{len(data.known_train)} train / {len(data.val)} val / {len(data.known_test)} known test images")
+    print(f"training {config.model} on {device}: {config.to_dict()}")
+    t0 = time.time()
+    out = Path(args.out) / "classifier"
+    clf, reused = ensure_classifier(data, config, out, resume=args.resume, device=device,
+                                    progress=not args.no_progress)
+    if reused:
+        print(f"{out} already holds this trained classifier; nothing to do")
+    print(f"closed-set test accuracy: {clf.meta['test_acc']:.4f} (val {clf.meta['val_acc']:.4f}); "
+          f"{time.time() - t0:.1f}s; saved in {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from gradosr.device import resolve_device
+    from gradosr.evaluate import evaluate_run
+    from gradosr.evaluation import format_table, results_document
+    from gradosr.checkpoint import atomic_write_json
+
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    records, info = evaluate_run(Path(args.run), methods, data_dir=args.data_dir, device=resolve_device(args.device),
+                                 progress=not args.no_progress)
+    doc = results_document(_command_line(), records, info)
+    out = Path(args.json) if args.json else Path(args.run) / "eval.json"
+    atomic_write_json(out, doc)
+    print(format_table(doc["summary"]))
+    print(f"results written to {out}")
+    return 0
+
+
+def _command_line() -> str:
+    return "gradosr " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+COMMANDS = {"datasets": cmd_datasets, "train": cmd_train, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except GradOSRError as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"gradosr: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("gradosr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

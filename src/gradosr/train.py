@@ -1,0 +1,295 @@
+"""Closed-set training of a classifier on the known classes (DESIGN.md §8 defaults).
+
+Deterministic on CPU: the model is initialised from ``seed``; each epoch's shuffling,
+augmentation and dropout draw from generators seeded by (seed, epoch), so a run resumed
+at an epoch boundary (``resume=True``) ends with exactly the weights of an
+uninterrupted run. A checkpoint is written atomically after every epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from gradosr.checkpoint import load_tensors, save_tensors
+from gradosr.classifier import Classifier, batched_outputs
+from gradosr.data.imageset import ImageSet
+from gradosr.data.registry import dataset_info
+from gradosr.errors import CheckpointError, ConfigError
+from gradosr.models import build_model
+from gradosr.preprocess import Preprocessing
+
+TRAIN_STATE_FORMAT = "gradosr.train_state"
+AUGMENTATIONS = ("none", "crop", "crop-flip")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Closed-set training recipe (recorded in every checkpoint).
+
+    Attributes:
+        model: architecture name (``lenet``, ``cnn32``, ``resnet18``).
+        epochs, batch_size: as usual.
+        optimizer: ``adam`` or ``sgd`` (momentum ``momentum``).
+        lr, weight_decay: learning rate and L2 weight decay.
+        schedule: ``none`` or ``cosine`` (per-epoch cosine decay to 0).
+        augment: ``none``, ``crop`` (random crop, zero padding 4) or ``crop-flip``
+            (plus random horizontal flip).
+        seed: initialisation, shuffling, augmentation and dropout seed.
+    """
+
+    model: str = "lenet"
+    epochs: int = 15
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "none"
+    augment: str = "none"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
+        if self.schedule not in ("none", "cosine"):
+            raise ConfigError(f"schedule must be none or cosine, got {self.schedule!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0:
+            raise ConfigError(f"invalid training config {self}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def default_train_config(dataset: str, **overrides) -> TrainConfig:
+    """The DESIGN.md §8 recipe for ``dataset``; ``overrides`` that are not None win.
+
+    28×28 data: lenet, Adam lr 1e-3, batch 128, 15 epochs (mnist-sample) or 10, no
+    augmentation. 32×32 data: cnn32, SGD momentum 0.9, lr 0.1 cosine, weight decay
+    5e-4, 100 epochs, random crop (pad 4) plus horizontal flip except for SVHN digits.
+    """
+    info = dataset_info(dataset)
+    if info.image_size == (28, 28):
+        base = TrainConfig("lenet", 15 if dataset == "mnist-sample" else 10, 128, "adam", 1e-3)
+    else:
+        base = TrainConfig("cnn32", 100, 128, "sgd", 0.1, 0.9, 5e-4, "cosine",
+                           "crop" if dataset == "svhn" else "crop-flip")
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def default_preprocessing(dataset: str, model: str) -> Preprocessing:
+    """28×28 for lenet on 28×28 data, else 32×32; the dataset's channel count."""
+    info = dataset_info(dataset)
+    size = info.image_size if (model == "lenet" and info.image_size == (28, 28)) else (32, 32)
+    return Preprocessing.default(size, info.channels)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2**63 - 1)
+
+
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding 4) and, for ``crop-flip``, horizontal flip of N×C×H×W ``x``."""
+    if mode == "none":
+        return x
+    n, _, h, w = x.shape
+    pad = F.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), generator=gen)
+    dx = torch.randint(0, 9, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, x.shape[1], h, w + 8)
+    out = pad.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, x.shape[1], h, w)
+    out = out.gather(3, cols)
+    if mode == "crop-flip":
+        flip = torch.rand(n, generator=gen) < 0.5
+        out[flip] = out[flip].flip(-1)
+    return out
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _lr_at(cfg: TrainConfig, epoch: int) -> float:
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    return cfg.lr
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (safetensors) and JSON-able rest."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, rest: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(rest["scalars"].items()):
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Eval-mode closed-set accuracy of ``model`` on inputs N×C×H×W and labels N."""
+    if len(y) == 0:
+        return float("nan")
+    logits, _ = batched_outputs(model, x, batch_size)
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def train_classifier(
+    train: ImageSet,
+    val: ImageSet | None,
+    class_ids: list[int],
+    config: TrainConfig,
+    preprocessing: Preprocessing,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    meta: dict | None = None,
+    class_names: list[str] | None = None,
+    model_factory: Callable[[int, int], nn.Module] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Classifier:
+    """Train a classifier on ``train`` (labels 0..K-1, K = len(class_ids)).
+
+    Args:
+        train, val: known training and held-out images (val is only evaluated).
+        config: the recipe; ``config.seed`` seeds everything.
+        preprocessing: applied to the uint8 images.
+        out_dir: if given, ``model.safetensors``/``model.json`` plus the optimizer state
+            are written there after every epoch.
+        resume: continue from the checkpoint in ``out_dir`` (its identity ``meta`` and
+            config must match).
+        model_factory: ``(num_classes, in_channels) -> nn.Module`` to train a user
+            architecture instead of ``config.model``.
+        meta: extra identity recorded in the checkpoint (protocol, ...).
+        log: receives one line per epoch (default: tqdm.write when progress is on).
+
+    Returns:
+        the trained :class:`Classifier` (model in eval mode, on ``device``).
+    """
+    k = len(class_ids)
+    device = torch.device(device)
+    arch = "custom" if model_factory is not None else config.model
+    torch.manual_seed(config.seed)
+    model = (model_factory or (lambda n, c: build_model(config.model, n, c)))(k, preprocessing.channels)
+    model.to(device)
+    opt = _make_optimizer(model, config)
+    history: list[dict] = []
+    start_epoch = 0
+    identity = {**(meta or {}), "train": config.to_dict()}
+    if resume:
+        if out_dir is None:
+            raise ConfigError("resume needs an output folder")
+        start_epoch, history = _load_resume_state(Path(out_dir), model, opt, identity, device)
+    x_train = preprocessing(train.images)
+    y_train = torch.as_tensor(train.labels)
+    if len(y_train) == 0:
+        raise ConfigError("no training images")
+    if y_train.min() < 0 or y_train.max() >= k:
+        raise ConfigError(f"training labels must lie in 0..{k - 1}")
+    x_val = preprocessing(val.images) if val is not None else None
+    y_val = torch.as_tensor(val.labels) if val is not None else None
+    write = log or (tqdm.write if progress else print)
+    clf = Classifier(model, arch, preprocessing, class_ids, class_names, identity)
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch))
+        torch.manual_seed(_epoch_seed(config.seed, epoch) + 1)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(config, epoch)
+        order = torch.randperm(len(y_train), generator=gen)
+        model.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}",
+                   leave=False, disable=not progress, unit="batch")
+        for start in bar:
+            idx = order[start:start + config.batch_size]
+            xb = augment_batch(x_train[idx], config.augment, gen).to(device)
+            yb = y_train[idx].to(device)
+            opt.zero_grad(set_to_none=True)
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+            loss.backward()
+            opt.step()
+            total_loss += float(loss.detach()) * len(idx)
+            correct += int((out.argmax(1) == yb).sum())
+            seen += len(idx)
+        model.eval()
+        record = {"epoch": epoch + 1, "loss": total_loss / seen, "train_acc": correct / seen,
+                  "val_acc": accuracy(model, x_val, y_val) if x_val is not None else None,
+                  "seconds": round(time.time() - t0, 3)}
+        history.append(record)
+        val_txt = f" val_acc {record['val_acc']:.4f}" if record["val_acc"] is not None else ""
+        write(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f} "
+              f"train_acc {record['train_acc']:.4f}{val_txt} ({record['seconds']:.1f}s)")
+        clf.meta.update({"epoch": epoch + 1, "complete": epoch + 1 == config.epochs, "history": history})
+        if out_dir is not None:
+            _save_state(Path(out_dir), clf, opt)
+    model.eval()
+    return clf
+
+
+def _save_state(out_dir: Path, clf: Classifier, opt: torch.optim.Optimizer) -> None:
+    tensors, rest = _optimizer_tensors(opt)
+    # The optimizer state first: model.json (written last) marks the epoch as complete.
+    save_tensors(out_dir, "train_state", tensors, {"optimizer": rest, "epoch": clf.meta["epoch"]}, TRAIN_STATE_FORMAT)
+    clf.save(out_dir)
+
+
+def _load_resume_state(out_dir: Path, model: nn.Module, opt, identity: dict, device) -> tuple[int, list]:
+    if not (out_dir / "model.json").is_file():
+        return 0, []
+    clf = Classifier.load(out_dir, model=model, device=device)
+    reason = identity_mismatch(clf.meta, identity)
+    if reason:
+        raise CheckpointError(f"cannot resume {out_dir}: {reason}")
+    tensors, meta = load_tensors(out_dir, "train_state", TRAIN_STATE_FORMAT)
+    if meta.get("epoch") != clf.meta.get("epoch"):
+        raise CheckpointError(f"cannot resume {out_dir}: optimizer state of epoch {meta.get('epoch')} "
+                              f"but weights of epoch {clf.meta.get('epoch')}")
+    _restore_optimizer(opt, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer"])
+    return int(clf.meta["epoch"]), list(clf.meta.get("history", []))
+
+
+def identity_mismatch(stored: dict, wanted: dict) -> str | None:
+    """A human-readable reason why checkpoint metadata ``stored`` does not match the
+    identity ``wanted`` (keys: protocol, train, ...), or None when it matches."""
+    for key, value in wanted.items():
+        have = stored.get(key)
+        if isinstance(value, dict) and isinstance(have, dict):
+            for sub in sorted(set(value) | set(have)):
+                if value.get(sub) != have.get(sub):
+                    return f"{key}.{sub} is {have.get(sub)!r} in the checkpoint but {value.get(sub)!r} was asked for"
+        elif have != value:
+            return f"{key} is {have!r} in the checkpoint but {value!r} was asked for"
+    return None
