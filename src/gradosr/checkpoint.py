@@ -85,7 +85,7 @@ def save_tensors(directory: str | os.PathLike, stem: str, tensors: dict[str, tor
     presence marks a complete object.
     """
     directory = Path(directory)
-    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    data = st_save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()})
     atomic_write_bytes(directory / f"{stem}.safetensors", data)
     record = {"format": fmt, "format_version": FORMAT_VERSION,
               "sha256": hashlib.sha256(data).hexdigest(), **meta}
@@ -122,7 +122,7 @@ def load_tensors(directory: str | os.PathLike, stem: str, fmt: str) -> tuple[dic
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{wpath} is not a valid safetensors file: {exc}") from None
+        raise CheckpointError(_pickle_hint(wpath) or f"{wpath} is not a valid safetensors file: {exc}") from None
     return tensors, meta
 
 

@@ -60,14 +60,15 @@ class Classifier:
     Attributes:
         model: the ``nn.Module`` mapping N×C×H×W inputs to N×K logits.
         arch: architecture name (``lenet``, ``cnn32``, ``resnet18``) or ``"custom"``.
-        preprocessing: how uint8 images become inputs.
+        preprocessing: how uint8 images become inputs (None: the caller passes
+            model inputs, float N×C×H×W, itself).
         class_ids: original dataset class id of each label 0..K-1.
         class_names: name of each label 0..K-1.
         meta: everything else recorded in ``model.json`` (protocol, seed, training
             config, epoch, metrics).
     """
 
-    def __init__(self, model: nn.Module, arch: str, preprocessing: Preprocessing,
+    def __init__(self, model: nn.Module, arch: str, preprocessing: Preprocessing | None,
                  class_ids: list[int], class_names: list[str] | None = None, meta: dict | None = None):
         self.model = model
         self.arch = arch
@@ -81,10 +82,26 @@ class Classifier:
         return len(self.class_ids)
 
     def inputs(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 N×H×W×C images -> preprocessed float32 N×C×H×W inputs; rejects NaN/Inf."""
-        x = self.preprocessing(images)
+        """Model inputs (float N×C×H×W) of ``images``; rejects NaN/Inf.
+
+        uint8 images N×H×W×C (or N×H×W) go through the stored preprocessing; float
+        arrays/tensors of 4 dimensions are taken as model inputs already.
+        """
+        if isinstance(images, torch.Tensor):
+            is_float = images.is_floating_point()
+        else:
+            images = np.asarray(images)
+            is_float = np.issubdtype(images.dtype, np.floating)
+        if is_float:
+            x = torch.as_tensor(images)
+            if x.ndim != 4:
+                raise DataError(f"float inputs must be model inputs N×C×H×W, got shape {tuple(x.shape)}")
+        elif self.preprocessing is None:
+            raise DataError("this classifier has no stored preprocessing: pass float model inputs N×C×H×W")
+        else:
+            x = self.preprocessing(images)
         if not torch.isfinite(x).all():
-            raise DataError("images contain NaN or Inf values")
+            raise DataError("inputs contain NaN or Inf values")
         return x
 
     def logits(self, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
@@ -102,8 +119,7 @@ class Classifier:
             **self.meta, **(extra or {}),
             "arch": self.arch,
             "num_classes": self.num_classes,
-            "in_channels": self.preprocessing.channels,
-            "preprocessing": self.preprocessing.to_dict(),
+            "preprocessing": self.preprocessing.to_dict() if self.preprocessing else None,
             "class_ids": self.class_ids,
             "class_names": self.class_names,
         }
@@ -122,7 +138,7 @@ class Classifier:
         tensors, meta = load_tensors(directory, "model", CLASSIFIER_FORMAT)
         try:
             arch, k = meta["arch"], int(meta["num_classes"])
-            pre = Preprocessing.from_dict(meta["preprocessing"])
+            pre = Preprocessing.from_dict(meta["preprocessing"]) if meta.get("preprocessing") else None
             class_ids = meta["class_ids"]
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{directory}/model.json lacks a valid field: {exc}") from None
@@ -131,6 +147,8 @@ class Classifier:
         if model is None:
             if arch == "custom":
                 raise CheckpointError(f"{directory} holds a custom model: pass an instance of it as model=")
+            if pre is None:
+                raise CheckpointError(f"{directory}/model.json has no preprocessing for arch {arch!r}")
             model = build_model(arch, k, pre.channels)
         try:
             model.load_state_dict(tensors, strict=True)

@@ -50,6 +50,23 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
 
 
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method options (default: the preset's)")
+    g.add_argument("--preset", default="paper", help="paper (default)")
+    g.add_argument("--target", choices=("confounding", "predicted", "uniform"), default=None)
+    g.add_argument("--n-ones", type=int, default=None, help="ones in the confounding label (default N; 0 or 2..N)")
+    g.add_argument("--output", choices=("softmax", "sigmoid"), default=None, help="activation of the confounding loss")
+    g.add_argument("--no-log", dest="log", action="store_false", default=None, help="do not log the squared norms")
+    g.add_argument("--standardize", choices=("train", "own", "none"), default=None)
+    g.add_argument("--detector-data", choices=("train", "heldout"), default=None,
+                   help="proxy-known images for the detector: the proxy's training images (paper) or held-out ones")
+    g.add_argument("--proxy-unknown", type=int, default=None, help="number of proxy-unknown classes (default round(K/3))")
+    g.add_argument("--threshold-rule", choices=("fixed", "tpr"), default=None)
+    g.add_argument("--threshold", type=float, default=None, help="fixed P(known) threshold (paper: 0.95)")
+    g.add_argument("--target-tpr", type=float, default=None, help="fraction of held-out knowns accepted (rule tpr)")
+    g.add_argument("--hidden", type=int, default=None, help="detector hidden width (default 128)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradosr",
@@ -68,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_args(p)
     p.add_argument("--out", required=True, help="run folder; the classifier goes to <out>/classifier/")
     p.add_argument("--resume", action="store_true", help="continue an unfinished training run")
+
+    p = sub.add_parser("fit", help="fit the gradient method (classifier, proxy, detector) on a protocol split")
+    _add_protocol_args(p)
+    _add_train_args(p)
+    _add_method_args(p)
+    _add_common_args(p)
+    p.add_argument("--out", required=True, help="run folder (classifier/, proxy/, detector/, osr.json)")
+
+    p = sub.add_parser("predict", help="label image files with a fitted run: path, label or unknown, score")
+    p.add_argument("--run", required=True, help="run folder from gradosr fit")
+    p.add_argument("files", nargs="+", help="image files (PNG, JPEG, ... read with Pillow)")
+    p.add_argument("--batch-size", type=int, default=64)
+    _add_common_args(p)
 
     p = sub.add_parser("evaluate", help="evaluate the methods of a run on its protocol's test set")
     p.add_argument("--run", required=True, help="run folder (from gradosr train or fit)")
@@ -139,6 +169,75 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_fit(args) -> int:
+    from gradosr.checkpoint import read_json
+    from gradosr.data.protocols import load_protocol
+    from gradosr.device import resolve_device
+    from gradosr.osr import GradientOSR, make_config
+
+    spec = _spec_from_args(args)
+    config = _train_config_from_args(args, spec.dataset)
+    options = {k: getattr(args, k) for k in ("target", "n_ones", "output", "log", "standardize", "detector_data",
+                                             "proxy_unknown", "threshold_rule", "threshold", "target_tpr", "hidden")}
+    method = make_config(args.preset, **options)
+    out = Path(args.out)
+    if (out / "osr.json").is_file():
+        stored = read_json(out / "osr.json")
+        if stored.get("config") == method.to_dict() and stored.get("train") == config.to_dict():
+            print(f"{out} already holds this fitted method; nothing to do (gradosr evaluate --run {out})")
+            return 0
+    device = resolve_device(args.device)
+    data = load_protocol(spec, args.data_dir)
+    print(f"protocol {spec.label}: known {list(spec.known)}, unknown {list(spec.unknown)}")
+    t0 = time.time()
+    osr = GradientOSR(args.preset, train_config=config, device=device, progress=not args.no_progress,
+                      seed=args.seed, **options)
+    osr.fit(data, run_dir=out)
+    print(f"fitted {args.preset} in {time.time() - t0:.1f}s: classifier test accuracy "
+          f"{osr.classifier.meta.get('test_acc', float('nan')):.4f}, proxy unknowns (labels) {osr.proxy_unknown}, "
+          f"{len(osr.param_names)} gradient features, threshold {osr.threshold_:.4g}; saved in {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from gradosr.device import resolve_device
+    from gradosr.images import read_image
+    from gradosr.osr import GradientOSR
+
+    osr = GradientOSR.load(args.run, device=resolve_device(args.device))
+    clf = osr.classifier
+    failed = 0
+    ok: list[tuple[str, object]] = []
+
+    def flush() -> None:
+        if not ok:
+            return
+        import torch
+
+        labels, scores = osr.predict(torch.cat([x for _, x in ok]), return_scores=True)
+        for (path, _), label, score in zip(ok, labels, scores):
+            if label < 0:
+                text = "unknown"
+            else:
+                cid, name = clf.class_ids[label], clf.class_names[label]
+                text = str(cid) if name == str(cid) else f"{cid} ({name})"
+            print(f"{path}\t{text}\t{score:.6f}", flush=True)
+        ok.clear()
+
+    for path in args.files:
+        try:
+            ok.append((path, clf.inputs(read_image(path, clf.preprocessing))))
+        except GradOSRError as exc:
+            flush()
+            failed += 1
+            print(f"{path}\terror\t{exc}", flush=True)
+            continue
+        if len(ok) >= args.batch_size:
+            flush()
+    flush()
+    return 1 if failed else 0
+
+
 def cmd_evaluate(args) -> int:
     from gradosr.device import resolve_device
     from gradosr.evaluate import evaluate_run
@@ -160,7 +259,8 @@ def _command_line() -> str:
     return "gradosr " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-COMMANDS = {"datasets": cmd_datasets, "train": cmd_train, "evaluate": cmd_evaluate}
+COMMANDS = {"datasets": cmd_datasets, "train": cmd_train, "fit": cmd_fit, "evaluate": cmd_evaluate,
+            "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ class Preprocessing:
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if self.channels not in (1, 3) or len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ConfigError(f"invalid preprocessing {self}")
-        if len(self.size) != 2 or min(self.size) < 1 or min(self.std) <= 0:
+        if len(self.size) != 2 or min(self.size) < 1 or not all(s > 0 for s in self.std):
             raise ConfigError(f"invalid preprocessing {self}")
 
     @classmethod
@@ -81,7 +81,7 @@ class Preprocessing:
             x = (x * w).sum(1, keepdim=True)
         elif c == 1 and self.channels == 3:
             x = x.expand(-1, 3, -1, -1)
-        if tuple(x.shape[-2:]) != self.size and x.shape[0] > 0:
+        if tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)

@@ -165,32 +165,34 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def train_classifier(
-    train: ImageSet,
-    val: ImageSet | None,
+    train: ImageSet | tuple[torch.Tensor, np.ndarray],
+    val: ImageSet | tuple[torch.Tensor, np.ndarray] | None,
     class_ids: list[int],
     config: TrainConfig,
-    preprocessing: Preprocessing,
+    preprocessing: Preprocessing | None,
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
     device: str | torch.device = "cpu",
     meta: dict | None = None,
     class_names: list[str] | None = None,
-    model_factory: Callable[[int, int], nn.Module] | None = None,
+    model: nn.Module | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Classifier:
     """Train a classifier on ``train`` (labels 0..K-1, K = len(class_ids)).
 
     Args:
-        train, val: known training and held-out images (val is only evaluated).
+        train, val: known training and held-out images (val is only evaluated), as
+            ImageSets (preprocessed with ``preprocessing``) or as (inputs N×C×H×W float
+            tensor, labels N) pairs used as they are.
         config: the recipe; ``config.seed`` seeds everything.
         preprocessing: applied to the uint8 images.
         out_dir: if given, ``model.safetensors``/``model.json`` plus the optimizer state
             are written there after every epoch.
         resume: continue from the checkpoint in ``out_dir`` (its identity ``meta`` and
             config must match).
-        model_factory: ``(num_classes, in_channels) -> nn.Module`` to train a user
-            architecture instead of ``config.model``.
+        model: an initialised ``nn.Module`` with K outputs to train instead of building
+            ``config.model`` (recorded as arch ``custom``).
         meta: extra identity recorded in the checkpoint (protocol, ...).
         log: receives one line per epoch (default: tqdm.write when progress is on).
 
@@ -199,9 +201,12 @@ def train_classifier(
     """
     k = len(class_ids)
     device = torch.device(device)
-    arch = "custom" if model_factory is not None else config.model
-    torch.manual_seed(config.seed)
-    model = (model_factory or (lambda n, c: build_model(config.model, n, c)))(k, preprocessing.channels)
+    arch = "custom" if model is not None else config.model
+    if model is None:
+        if preprocessing is None:
+            raise ConfigError("training a built-in architecture needs a preprocessing")
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, k, preprocessing.channels)
     model.to(device)
     opt = _make_optimizer(model, config)
     history: list[dict] = []
@@ -211,14 +216,12 @@ def train_classifier(
         if out_dir is None:
             raise ConfigError("resume needs an output folder")
         start_epoch, history = _load_resume_state(Path(out_dir), model, opt, identity, device)
-    x_train = preprocessing(train.images)
-    y_train = torch.as_tensor(train.labels)
+    x_train, y_train = _as_inputs(train, preprocessing)
     if len(y_train) == 0:
         raise ConfigError("no training images")
     if y_train.min() < 0 or y_train.max() >= k:
         raise ConfigError(f"training labels must lie in 0..{k - 1}")
-    x_val = preprocessing(val.images) if val is not None else None
-    y_val = torch.as_tensor(val.labels) if val is not None else None
+    x_val, y_val = _as_inputs(val, preprocessing) if val is not None else (None, None)
     write = log or (tqdm.write if progress else print)
     clf = Classifier(model, arch, preprocessing, class_ids, class_names, identity)
     for epoch in range(start_epoch, config.epochs):
@@ -257,6 +260,16 @@ def train_classifier(
             _save_state(Path(out_dir), clf, opt)
     model.eval()
     return clf
+
+
+def _as_inputs(part, preprocessing: Preprocessing | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs N×C×H×W float, labels N int64) of an ImageSet or an (inputs, labels) pair."""
+    if isinstance(part, ImageSet):
+        if preprocessing is None:
+            raise ConfigError("images need a preprocessing to become model inputs")
+        return preprocessing(part.images), torch.as_tensor(part.labels)
+    x, y = part
+    return torch.as_tensor(x), torch.as_tensor(np.asarray(y), dtype=torch.int64)
 
 
 def _save_state(out_dir: Path, clf: Classifier, opt: torch.optim.Optimizer) -> None:

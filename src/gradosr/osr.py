@@ -1,0 +1,430 @@
+"""``GradientOSR``: the open-set recognizer of Lee & AlRegib, "Open-Set Recognition with
+Gradient-Based Representations", ICIP 2021.
+
+1. A closed-set classifier is trained on the K known classes (or brought by the user).
+2. Training with known classes only (paper §3.2): the known classes are split into
+   proxy knowns K_K and proxy unknowns K_U (max(1, round(K/3)) of them, drawn with the
+   split's seed); a proxy classifier is trained on K_K.
+3. The proxy classifier's gradient representations r(x) (Eq. 1: per-parameter squared
+   gradient norms of the loss against a confounding label) of K_K images (label known)
+   and K_U images (label unknown) train an unknown detector (2 FC layers).
+4. At test time r(x) comes from the final classifier; the detector gives P(known), and
+   an input is accepted as known when P(known) >= threshold (the paper: 0.95), else it
+   is labelled -1 (unknown). Accepted inputs get the classifier's argmax.
+
+Every choice the paper leaves open is an option of :class:`OSRConfig`, recorded in
+``osr.json``. Presets: ``paper`` (the paper as stated, DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradosr.checkpoint import FORMAT_VERSION, atomic_write_json, load_tensors, read_json, save_tensors
+from gradosr.classifier import Classifier
+from gradosr.data.protocols import OSRData
+from gradosr.detectors.mlp import DetectorConfig, MLPDetector
+from gradosr.errors import CheckpointError, ConfigError, DataError
+from gradosr.metrics import open_set_predictions, threshold_at_tpr
+from gradosr.models import find_head, reset_parameters, resize_head
+from gradosr.representation import (
+    RepresentationConfig,
+    Standardizer,
+    check_params_exist,
+    extract,
+    transform,
+)
+from gradosr.train import TrainConfig, identity_mismatch, train_classifier
+
+OSR_FORMAT = "gradosr.osr"
+DETECTOR_FORMAT = "gradosr.detector"
+STANDARDIZE = ("train", "own", "none")
+DETECTOR_DATA = ("train", "heldout")
+THRESHOLD_RULES = ("fixed", "tpr")
+
+
+@dataclass(frozen=True)
+class OSRConfig:
+    """Every option of the method (DESIGN.md §2, §8).
+
+    Attributes:
+        representation: target, n_ones, softmax/sigmoid, parameter selection, log.
+        standardize: ``train`` = mean/std of the detector's training features, applied
+            to every input; ``own`` = each classifier's features standardised by its own
+            held-out known statistics (proxy: held-out proxy knowns; final: the
+            validation split); ``none``.
+        detector_data: proxy-known images that train the detector: ``train`` = the
+            proxy classifier's own training images (the paper), ``heldout`` = held-out
+            (validation) images of the proxy knowns. Proxy unknowns are all their
+            training and validation images either way.
+        proxy_unknown: number of proxy-unknown classes (None = max(1, round(K/3))).
+        threshold_rule: ``fixed`` (accept when P(known) >= ``threshold``) or ``tpr``
+            (the threshold accepting ``target_tpr`` of the validation knowns).
+        threshold, target_tpr: see ``threshold_rule``.
+        detector: the detector's hyperparameters.
+        batch_size: gradient-extraction batch size (no effect on results).
+    """
+
+    preset: str = "paper"
+    representation: RepresentationConfig = field(default_factory=RepresentationConfig)
+    standardize: str = "train"
+    detector_data: str = "train"
+    proxy_unknown: int | None = None
+    threshold_rule: str = "fixed"
+    threshold: float = 0.95
+    target_tpr: float = 0.95
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.standardize not in STANDARDIZE:
+            raise ConfigError(f"standardize must be one of {STANDARDIZE}, got {self.standardize!r}")
+        if self.detector_data not in DETECTOR_DATA:
+            raise ConfigError(f"detector_data must be one of {DETECTOR_DATA}, got {self.detector_data!r}")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ConfigError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {self.threshold_rule!r}")
+        if not 0.0 < self.target_tpr <= 1.0:
+            raise ConfigError(f"target_tpr must lie in (0, 1], got {self.target_tpr}")
+        if self.proxy_unknown is not None and self.proxy_unknown < 1:
+            raise ConfigError(f"proxy_unknown must be >= 1, got {self.proxy_unknown}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["representation"] = self.representation.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OSRConfig":
+        try:
+            rep = RepresentationConfig(**d["representation"])
+            det = DetectorConfig(**d["detector"])
+            rest = {k: v for k, v in d.items() if k not in ("representation", "detector")}
+            return cls(representation=rep, detector=det, **rest)
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"invalid method config {d!r}: {exc}") from None
+
+
+PRESETS: dict[str, OSRConfig] = {"paper": OSRConfig()}
+
+#: keyword options accepted by GradientOSR / the CLI, and where they live in OSRConfig
+_REP_KEYS = {f for f in RepresentationConfig.__dataclass_fields__}
+_DET_KEYS = {f for f in DetectorConfig.__dataclass_fields__}
+
+
+def make_config(preset: str = "paper", seed: int | None = None, **options) -> OSRConfig:
+    """The preset's config with ``options`` (None = keep) applied.
+
+    Options are fields of :class:`OSRConfig`, :class:`RepresentationConfig` (target,
+    n_ones, output, params, log) or :class:`DetectorConfig` (hidden, lr, ...).
+    ``seed`` sets the detector seed.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]
+    options = {k: v for k, v in options.items() if v is not None}
+    rep = {k: options.pop(k) for k in list(options) if k in _REP_KEYS}
+    det = {k: options.pop(k) for k in list(options) if k in _DET_KEYS}
+    if seed is not None:
+        det["seed"] = seed
+    unknown = set(options) - set(OSRConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown options {sorted(unknown)}")
+    return replace(cfg, representation=replace(cfg.representation, **rep), detector=replace(cfg.detector, **det),
+                   **options)
+
+
+def proxy_split(num_known: int, seed: int, num_unknown: int | None = None) -> list[int]:
+    """The proxy-unknown labels (sorted, among 0..K-1): ``num_unknown`` (default
+    max(1, round(K/3))) drawn with ``seed``. Needs K >= 3 (2 proxy knowns remain)."""
+    n_u = max(1, round(num_known / 3)) if num_unknown is None else int(num_unknown)
+    if num_known - n_u < 2:
+        raise ConfigError(f"{num_known} known classes leave fewer than 2 proxy knowns with {n_u} proxy unknowns; "
+                          "the method needs at least 3 known classes")
+    rng = np.random.default_rng(seed)
+    return sorted(int(c) for c in rng.choice(num_known, n_u, replace=False))
+
+
+class GradientOSR:
+    """Open-set recognizer with gradient-based representations (scikit-learn-like).
+
+    Build it with ``GradientOSR(preset="paper", **options)`` and fit it on a protocol
+    (:class:`gradosr.data.OSRData`), or wrap your own trained classifier with
+    :meth:`from_classifier` and fit it on arrays of known-class data.
+
+    After fitting:
+        ``score_samples(x)``: float64 N, P(known) (higher = known);
+        ``predict(x)``: int64 N, the class index 0..K-1 or -1 for unknown;
+        ``save(dir)`` / ``GradientOSR.load(dir)``: safetensors + JSON, no pickle.
+
+    ``x`` is uint8 images N×H×W×C (preprocessed with the classifier's stored
+    preprocessing) or float model inputs N×C×H×W.
+    """
+
+    def __init__(self, preset: str = "paper", classifier: Classifier | None = None,
+                 train_config: TrainConfig | None = None, proxy_factory: Callable[[int], nn.Module] | None = None,
+                 device: str | torch.device = "cpu", progress: bool = False, seed: int = 0, **options):
+        self.config = make_config(preset, **options)
+        self.classifier = classifier
+        self.train_config = train_config
+        self.proxy_factory = proxy_factory
+        self.device = torch.device(device)
+        self.progress = progress
+        self.seed = seed
+        self.proxy: Classifier | None = None
+        self.proxy_unknown: list[int] | None = None
+        self.detector: MLPDetector | None = None
+        self.scalers: dict[str, Standardizer] = {}
+        self.param_names: list[str] | None = None
+        self.threshold_: float | None = None
+
+    # ----------------------------------------------------------------- building
+    @classmethod
+    def from_classifier(cls, model: nn.Module, preprocessing=None, class_ids: list[int] | None = None,
+                        class_names: list[str] | None = None, train_config: TrainConfig | None = None,
+                        proxy_factory: Callable[[int], nn.Module] | None = None, preset: str = "paper",
+                        **kwargs) -> "GradientOSR":
+        """Wrap a user's trained ``nn.Module`` (N×C×H×W inputs -> N×K logits).
+
+        The proxy classifier comes from ``proxy_factory(num_proxy_classes)`` when given;
+        otherwise the model is deep-copied, every parameter re-initialised, its head
+        (last ``nn.Linear``) resized to the proxy class count, and trained on the
+        proxy-known data with ``train_config`` (default: Adam lr 1e-3, batch 128, 15 epochs).
+        """
+        head = find_head(model)
+        k = head.out_features
+        ids = list(range(k)) if class_ids is None else [int(c) for c in class_ids]
+        if len(ids) != k:
+            raise ConfigError(f"class_ids has {len(ids)} entries but the model's head has {k} outputs")
+        clf = Classifier(model, "custom", preprocessing, ids, class_names, {"complete": True})
+        return cls(preset=preset, classifier=clf, train_config=train_config or TrainConfig(model="custom"),
+                   proxy_factory=proxy_factory, **kwargs)
+
+    @property
+    def num_known(self) -> int:
+        return self.classifier.num_classes
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, x, y=None, x_val=None, y_val=None, run_dir: str | os.PathLike | None = None) -> "GradientOSR":
+        """Fit on a protocol (``x`` an :class:`OSRData`) or on arrays of known data.
+
+        Protocol: the final classifier is trained (or reused from
+        ``<run_dir>/classifier``) unless one was given; the proxy classifier likewise
+        in ``<run_dir>/proxy``. Arrays: ``x`` uint8 images or float inputs, ``y`` labels
+        0..K-1 of the classifier given to :meth:`from_classifier`; ``x_val``/``y_val``
+        are held-out knowns (default: a stratified 20% of x).
+        """
+        run_dir = Path(run_dir) if run_dir is not None else None
+        if isinstance(x, OSRData):
+            data = x
+            if self.classifier is None:
+                from gradosr.runs import ensure_classifier
+                from gradosr.train import default_train_config
+
+                cfg = self.train_config or default_train_config(data.spec.dataset, seed=self.seed)
+                self.train_config = cfg
+                self.classifier, _ = ensure_classifier(data, cfg, run_dir / "classifier" if run_dir else None,
+                                                       device=self.device, progress=self.progress)
+            if self.classifier.num_classes != data.num_known:
+                raise ConfigError(f"the classifier has {self.classifier.num_classes} classes, the protocol "
+                                  f"{data.num_known} known classes")
+            if self.train_config is None:
+                self.train_config = TrainConfig.from_dict(self.classifier.meta.get("train", {}))
+            xt, yt = self.classifier.inputs(data.known_train.images), data.known_train.labels
+            xv, yv = self.classifier.inputs(data.val.images), data.val.labels
+            seed, identity = data.spec.seed, {"protocol": data.spec.to_dict()}
+        else:
+            if self.classifier is None:
+                raise ConfigError("fitting on arrays needs a trained classifier: use GradientOSR.from_classifier, "
+                                  "or pass a protocol (OSRData)")
+            xt, yt, xv, yv = self._split_arrays(x, y, x_val, y_val)
+            seed, identity = self.seed, {}
+        self._fit_arrays(xt, np.asarray(yt), xv, np.asarray(yv), seed, identity, run_dir)
+        if run_dir is not None:
+            self.save(run_dir)
+        return self
+
+    def _split_arrays(self, x, y, x_val, y_val):
+        from sklearn.model_selection import train_test_split
+
+        if y is None:
+            raise ConfigError("fit(x, y) needs the labels y (0..K-1) of x")
+        xt = self.classifier.inputs(x)
+        yt = np.asarray(torch.as_tensor(np.asarray(y)).numpy(), dtype=np.int64)
+        if yt.ndim != 1 or len(yt) != len(xt):
+            raise DataError(f"y must hold one label per sample ({len(xt)}), got shape {yt.shape}")
+        k = self.num_known
+        if len(yt) and (yt.min() < 0 or yt.max() >= k):
+            raise DataError(f"labels must lie in 0..{k - 1}")
+        if x_val is None:
+            idx_t, idx_v = train_test_split(np.arange(len(yt)), test_size=0.2, stratify=yt, random_state=self.seed)
+            return xt[idx_t], yt[idx_t], xt[idx_v], yt[idx_v]
+        return xt, yt, self.classifier.inputs(x_val), np.asarray(y_val, dtype=np.int64)
+
+    def _fit_arrays(self, xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarray, seed: int,
+                    identity: dict, run_dir: Path | None) -> None:
+        cfg, k = self.config, self.num_known
+        missing = sorted(set(range(k)) - set(np.unique(yt).tolist()))
+        if missing:
+            raise DataError(f"known classes {missing} have no training samples")
+        self.proxy_unknown = proxy_split(k, seed, cfg.proxy_unknown)
+        u_train, u_val = np.isin(yt, self.proxy_unknown), np.isin(yv, self.proxy_unknown)
+        self.proxy = self._ensure_proxy(xt[~u_train], yt[~u_train], xv[~u_val], yv[~u_val], identity, run_dir)
+        check_params_exist(self._param_names(self.proxy.model), self.classifier.model)
+
+        known_x = xt[~u_train] if cfg.detector_data == "train" else xv[~u_val]
+        unknown_x = torch.cat([xt[u_train], xv[u_val]])
+        r_known = self._features(self.proxy.model, known_x, "proxy knowns")
+        r_unknown = self._features(self.proxy.model, unknown_x, "proxy unknowns")
+        r_det = torch.cat([r_known, r_unknown])
+        is_known = np.concatenate([np.ones(len(r_known), bool), np.zeros(len(r_unknown), bool)])
+        if cfg.standardize == "train":
+            scaler = Standardizer.fit(r_det)
+            self.scalers = {"proxy": scaler, "final": scaler}
+        elif cfg.standardize == "own":
+            held = r_known if cfg.detector_data == "heldout" else self._features(self.proxy.model, xv[~u_val], "proxy held-out")
+            self.scalers = {"proxy": Standardizer.fit(held),
+                            "final": Standardizer.fit(self._features(self.classifier.model, xv, "held-out knowns"))}
+        else:
+            self.scalers = {"proxy": Standardizer.identity(r_det.shape[1]), "final": Standardizer.identity(r_det.shape[1])}
+        self.detector = MLPDetector(cfg.detector).fit(self.scalers["proxy"](r_det).float(), is_known)
+        if cfg.threshold_rule == "fixed":
+            self.threshold_ = float(cfg.threshold)
+        else:
+            self.threshold_ = threshold_at_tpr(self.score_samples(xv), cfg.target_tpr)
+
+    def _param_names(self, model: nn.Module) -> list[str]:
+        from gradosr.gradients import select_parameters
+
+        rep = self.config.representation
+        self.param_names = select_parameters(model, list(rep.params) if rep.params is not None else None)
+        return self.param_names
+
+    def _features(self, model: nn.Module, x: torch.Tensor, desc: str) -> torch.Tensor:
+        """Transformed (log) representations, float64 N×P, of model inputs x."""
+        rep = replace(self.config.representation, params=tuple(self.param_names))
+        r, _ = extract(model, x, rep, self.config.batch_size, self.progress, desc)
+        return transform(r, rep.log)
+
+    def _ensure_proxy(self, xt, yt, xv, yv, identity: dict, run_dir: Path | None) -> Classifier:
+        """Train (or reuse from ``<run_dir>/proxy``) the proxy classifier on proxy knowns."""
+        keep = [c for c in range(self.num_known) if c not in self.proxy_unknown]
+        remap = np.full(self.num_known, -1, dtype=np.int64)
+        remap[keep] = np.arange(len(keep))
+        ids = [self.classifier.class_ids[c] for c in keep]
+        names = [self.classifier.class_names[c] for c in keep]
+        tc = self.train_config
+        wanted = {**identity, "train": tc.to_dict(), "proxy_of": keep}
+        out = run_dir / "proxy" if run_dir is not None else None
+        custom = self.classifier.arch == "custom"
+        if out is not None and (out / "model.json").is_file():
+            model = self._new_proxy_model(len(keep)) if custom else None
+            stored = Classifier.load(out, model=model, device=self.device)
+            reason = identity_mismatch(stored.meta, wanted)
+            if reason is None and stored.meta.get("complete"):
+                return stored
+            if reason is not None:
+                raise CheckpointError(f"{out} holds another proxy classifier: {reason}. Use another run folder")
+        model = self._new_proxy_model(len(keep)) if custom else None
+        return train_classifier((xt, remap[yt]), (xv, remap[yv]), ids, tc, self.classifier.preprocessing,
+                                out_dir=out, progress=self.progress, device=self.device, class_names=names,
+                                meta={**identity, "proxy_of": keep}, model=model,
+                                resume=out is not None and (out / "model.json").is_file())
+
+    def _new_proxy_model(self, n: int) -> nn.Module:
+        if self.proxy_factory is not None:
+            model = self.proxy_factory(n)
+        else:
+            model = copy.deepcopy(self.classifier.model)
+            reset_parameters(model, seed=self.train_config.seed)
+            resize_head(model, n)
+        if find_head(model).out_features != n:
+            raise ConfigError(f"the proxy model must have {n} outputs")
+        return model.to(self.device)
+
+    # --------------------------------------------------------------- inference
+    def _check_fitted(self) -> None:
+        if self.detector is None:
+            raise ConfigError("this GradientOSR is not fitted: call fit() or load() first")
+
+    def representations(self, x) -> torch.Tensor:
+        """Standardised detector inputs of ``x`` from the final classifier (float64 N×P)."""
+        self._check_fitted()
+        xin = self.classifier.inputs(x)
+        return self.scalers["final"](self._features(self.classifier.model, xin, "gradients"))
+
+    def score_samples(self, x) -> np.ndarray:
+        """P(known) of each input (float64 N): higher = more likely known."""
+        return self.detector.predict_proba(self.representations(x).float())
+
+    def predict(self, x, return_scores: bool = False):
+        """Open-set labels (int64 N): the classifier's argmax, or -1 where the score is
+        below the threshold. With ``return_scores``: (labels, scores)."""
+        self._check_fitted()
+        xin = self.classifier.inputs(x)
+        scores = self.score_samples(xin)
+        closed = self.classifier.logits(xin).argmax(1).numpy() if len(xin) else np.zeros(0, np.int64)
+        labels = open_set_predictions(closed, scores, self.threshold_) if len(xin) else np.zeros(0, np.int64)
+        return (labels, scores) if return_scores else labels
+
+    # ------------------------------------------------------------- persistence
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``classifier/``, ``proxy/``, ``detector/`` and ``osr.json`` (last)."""
+        self._check_fitted()
+        directory = Path(directory)
+        if not (directory / "classifier" / "model.json").is_file():
+            self.classifier.save(directory / "classifier")
+        if not (directory / "proxy" / "model.json").is_file():
+            self.proxy.save(directory / "proxy")
+        tensors, meta = self.detector.state()
+        tensors = {f"net.{k}": v for k, v in tensors.items()}
+        for which, sc in self.scalers.items():
+            tensors[f"scaler.{which}.mean"], tensors[f"scaler.{which}.std"] = sc.mean, sc.std
+        save_tensors(directory / "detector", "detector", tensors, {**meta, "param_names": self.param_names},
+                     DETECTOR_FORMAT)
+        atomic_write_json(directory / "osr.json", {
+            "format": OSR_FORMAT, "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
+            "threshold": self.threshold_, "threshold_rule": self.config.threshold_rule,
+            "proxy_unknown": self.proxy_unknown, "train": self.train_config.to_dict() if self.train_config else None,
+            "seed": self.seed,
+        })
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, model: nn.Module | None = None,
+             device: str | torch.device = "cpu") -> "GradientOSR":
+        """Load what :meth:`save` wrote. ``model``: an instance of a custom architecture."""
+        directory = Path(directory)
+        meta = read_json(directory / "osr.json")
+        if meta.get("format") != OSR_FORMAT:
+            raise CheckpointError(f"{directory}/osr.json is not a gradosr method file")
+        if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+            raise CheckpointError(f"{directory} was written by a newer gradosr (format version "
+                                  f"{meta.get('format_version')}); upgrade gradosr to read it")
+        config = OSRConfig.from_dict(meta["config"])
+        clf = Classifier.load(directory / "classifier", model=model, device=device)
+        self = cls.__new__(cls)
+        self.config, self.classifier, self.device, self.progress = config, clf, torch.device(device), False
+        self.train_config = TrainConfig.from_dict(meta["train"]) if meta.get("train") else None
+        self.proxy_factory, self.proxy, self.seed = None, None, int(meta.get("seed", 0))
+        self.proxy_unknown = meta.get("proxy_unknown")
+        self.threshold_ = float(meta["threshold"])
+        tensors, dmeta = load_tensors(directory / "detector", "detector", DETECTOR_FORMAT)
+        self.detector = MLPDetector.from_state({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, dmeta)
+        self.param_names = list(dmeta["param_names"])
+        check_params_exist(self.param_names, clf.model)
+        try:
+            self.scalers = {w: Standardizer(tensors[f"scaler.{w}.mean"], tensors[f"scaler.{w}.std"])
+                            for w in ("proxy", "final")}
+        except KeyError as exc:
+            raise CheckpointError(f"{directory}/detector is missing {exc}") from None
+        if self.detector.net[0].in_features != len(self.param_names):
+            raise CheckpointError(f"{directory}/detector expects {self.detector.net[0].in_features} features, "
+                                  f"but lists {len(self.param_names)} parameters")
+        return self
