@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gradosr train --protocol mnist-sample --split 0 --out runs/demo
-	$(VENV)/bin/gradosr evaluate --run runs/demo --methods msp
+	$(VENV)/bin/gradosr fit --protocol mnist-sample --split 0 --out runs/demo
+	$(VENV)/bin/gradosr evaluate --run runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests

@@ -163,14 +163,14 @@ def test_resize_head_bare_linear_and_alias() -> None:
 
 def test_resize_head_builtin_model() -> None:
     model = build_model("lenet", 6).eval()
-    old_fc = model.features[8].weight.detach().clone()
+    old_fc = model.features[10].weight.detach().clone()
     resize_head(model, 3)
     assert isinstance(model.head, nn.Linear)
     assert model.head.out_features == 3
     assert model.head.bias is not None
     assert not model.head.training
     assert model.num_classes == 3
-    assert torch.equal(model.features[8].weight, old_fc)
+    assert torch.equal(model.features[10].weight, old_fc)
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 3)
     with pytest.raises(ConfigError):

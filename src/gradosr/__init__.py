@@ -12,4 +12,6 @@ from gradosr.errors import CheckpointError, ConfigError, DataError, GradOSRError
 
 __version__ = "0.1.0"
 
-__all__ = ["GradOSRError", "DataError", "ConfigError", "CheckpointError", "__version__"]
+from gradosr.osr import GradientOSR  # noqa: E402  (needs __version__ defined first)
+
+__all__ = ["GradientOSR", "GradOSRError", "DataError", "ConfigError", "CheckpointError", "__version__"]

@@ -247,7 +247,7 @@ def cmd_evaluate(args) -> int:
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     records, info = evaluate_run(Path(args.run), methods, data_dir=args.data_dir, device=resolve_device(args.device),
                                  progress=not args.no_progress)
-    doc = results_document(_command_line(), records, info)
+    doc = results_document(_command_line(args), records, info)
     out = Path(args.json) if args.json else Path(args.run) / "eval.json"
     atomic_write_json(out, doc)
     print(format_table(doc["summary"]))
@@ -255,8 +255,10 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _command_line() -> str:
-    return "gradosr " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def _command_line(args) -> str:
+    """The command as the user gave it (the argv passed to :func:`main`, else sys.argv)."""
+    argv = getattr(args, "argv", None)
+    return "gradosr " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
 
 COMMANDS = {"datasets": cmd_datasets, "train": cmd_train, "fit": cmd_fit, "evaluate": cmd_evaluate,
@@ -266,6 +268,7 @@ COMMANDS = {"datasets": cmd_datasets, "train": cmd_train, "fit": cmd_fit, "evalu
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = None if argv is None else [str(a) for a in argv]
     if args.command is None:
         parser.print_help()
         return 0

@@ -224,6 +224,8 @@ def train_classifier(
     x_val, y_val = _as_inputs(val, preprocessing) if val is not None else (None, None)
     write = log or (tqdm.write if progress else print)
     clf = Classifier(model, arch, preprocessing, class_ids, class_names, identity)
+    if start_epoch:  # resumed: keep the progress record even when no epoch is left to run
+        clf.meta.update({"epoch": start_epoch, "complete": start_epoch == config.epochs, "history": history})
     for epoch in range(start_epoch, config.epochs):
         t0 = time.time()
         gen = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch))
