@@ -19,7 +19,7 @@ def read_image(path: str | os.PathLike, preprocessing: Preprocessing | None = No
         with Image.open(path) as img:
             img.load()
             mode = "L" if preprocessing is not None and preprocessing.channels == 1 else "RGB"
-            arr = np.asarray(img.convert(mode), dtype=np.uint8)
+            arr = np.array(img.convert(mode), dtype=np.uint8)  # a writable copy
     except FileNotFoundError:
         raise DataError(f"no such file: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:

@@ -362,6 +362,7 @@ class GradientOSR:
 
     def score_samples(self, x) -> np.ndarray:
         """P(known) of each input (float64 N): higher = more likely known."""
+        self._check_fitted()
         return self.detector.predict_proba(self.representations(x).float())
 
     def predict(self, x, return_scores: bool = False):
@@ -379,9 +380,8 @@ class GradientOSR:
         """Write ``classifier/``, ``proxy/``, ``detector/`` and ``osr.json`` (last)."""
         self._check_fitted()
         directory = Path(directory)
-        if not (directory / "classifier" / "model.json").is_file():
-            self.classifier.save(directory / "classifier")
-        if not (directory / "proxy" / "model.json").is_file():
+        self.classifier.save(directory / "classifier")
+        if self.proxy is not None:  # a loaded GradientOSR does not carry its proxy
             self.proxy.save(directory / "proxy")
         tensors, meta = self.detector.state()
         tensors = {f"net.{k}": v for k, v in tensors.items()}
