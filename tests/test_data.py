@@ -13,30 +13,12 @@ import gradosr.data.registry as registry
 from gradosr.data import load_dataset, locate_dataset, read_idx
 from gradosr.data.registry import data_root, dataset_info
 from gradosr.errors import ConfigError, DataError
+from idx_files import idx_bytes, write_idx
 
 STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The IDX encoding of a uint8 array, built with struct (independent of the reader)."""
-    assert array.dtype == np.uint8
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
-    header += b"".join(struct.pack(">I", s) for s in array.shape)
-    return header + array.tobytes(order="C")
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = idx_bytes(array)
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(data))
-    else:
-        path.write_bytes(data)
-    return path
 
 
 def make_split(rng: np.random.Generator, n: int, h: int = 28, w: int = 28, classes: int = 10):
@@ -56,15 +38,6 @@ def write_dataset(folder: Path, gz: bool, seed: int = 0, n_train: int = 23, n_te
         write_idx(folder / STEMS[split][1], labels, gz)
         out[split] = (images, labels)
     return out
-
-
-@pytest.fixture
-def no_debian(monkeypatch, tmp_path):
-    """Point the Debian fallback at an empty folder (the real one may exist here)."""
-    empty = tmp_path / "no-debian"
-    empty.mkdir()
-    monkeypatch.setattr(registry, "DEBIAN_FASHION_MNIST", empty)
-    return empty
 
 
 def assert_matches(imageset, images: np.ndarray, labels: np.ndarray) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 from collections import Counter
 from importlib import resources
 from pathlib import Path
@@ -16,6 +14,7 @@ import gradosr.data.registry as registry
 from gradosr.data import load_dataset, load_protocol, parse_index_list, resolve_protocol
 from gradosr.data.protocols import ProtocolSpec, parse_class_list
 from gradosr.errors import ConfigError, DataError
+from idx_files import write_idx
 
 SHARED_SPLITS = Path(__file__).resolve().parents[2] / "shared" / "osr_splits.json"
 REPO_SPLITS = Path(__file__).resolve().parents[1] / "src" / "gradosr" / "data" / "osr_splits.json"
@@ -275,12 +274,6 @@ def test_custom_protocol_load_order(sample):
 # --- synthetic fashion-mnist ----------------------------------------------------------
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", s) for s in array.shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_name(path.name + ".gz").write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
 def write_fashion(root: Path, train_per_class, test_per_class, seed: int = 0) -> dict:
     """Write a synthetic Fashion-MNIST (random images) into root/fashion-mnist/."""
     rng = np.random.default_rng(seed)
@@ -297,13 +290,6 @@ def write_fashion(root: Path, train_per_class, test_per_class, seed: int = 0) ->
         write_idx(root / "fashion-mnist" / stems[1], labels)
         out[split] = (images[..., None], labels.astype(np.int64))
     return out
-
-
-@pytest.fixture
-def no_debian(monkeypatch, tmp_path):
-    empty = tmp_path / "no-debian"
-    empty.mkdir()
-    monkeypatch.setattr(registry, "DEBIAN_FASHION_MNIST", empty)
 
 
 def cross(seed: int):
