@@ -146,7 +146,7 @@ def test_fit_evaluate_predict_end_to_end(capsys, tmp_path, monkeypatch):
     records = {r["method"]: r for r in doc["results"]}
     assert [r["method"] for r in doc["results"]] == ["paper", "msp"]
     for method, record in records.items():
-        assert set(record) == RESULT_KEYS, method
+        assert RESULT_KEYS <= set(record), method  # schema keys, plus timing
         assert record["split"] == 0
         for key in METRICS:
             assert 0.0 <= record[key] <= 1.0, (method, key)

@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     _add_common_args(p)
 
+    p = sub.add_parser("benchmark", help="every method side by side on the same classifiers, over splits")
+    _add_protocol_args(p)
+    p.add_argument("--splits", default="0-4", help="splits (cross: seeds), e.g. 0-4 or 0,2 (default 0-4)")
+    p.add_argument("--methods", default="all", help="comma-separated method ids, or all (default)")
+    p.add_argument("--out", required=True, help="report folder (runs/, cache/, results.*, plots/)")
+    _add_train_args(p)
+    _add_method_args(p)
+    _add_common_args(p)
+
     p = sub.add_parser("evaluate", help="evaluate the methods of a run on its protocol's test set")
     p.add_argument("--run", required=True, help="run folder (from gradosr train or fit)")
     p.add_argument("--methods", default=None, help="comma-separated method ids (default: paper,msp where available)")
@@ -177,8 +186,7 @@ def cmd_fit(args) -> int:
 
     spec = _spec_from_args(args)
     config = _train_config_from_args(args, spec.dataset)
-    options = {k: getattr(args, k) for k in ("target", "n_ones", "output", "log", "standardize", "detector_data",
-                                             "proxy_unknown", "threshold_rule", "threshold", "target_tpr", "hidden")}
+    options = _method_options(args)
     method = make_config(args.preset, **options)
     out = Path(args.out)
     if (out / "osr.json").is_file():
@@ -197,6 +205,12 @@ def cmd_fit(args) -> int:
           f"{osr.classifier.meta.get('test_acc', float('nan')):.4f}, proxy unknowns (labels) {osr.proxy_unknown}, "
           f"{len(osr.param_names)} gradient features, threshold {osr.threshold_:.4g}; saved in {out}")
     return 0
+
+
+def _method_options(args) -> dict:
+    keys = ("target", "n_ones", "output", "log", "standardize", "detector_data", "proxy_unknown",
+            "threshold_rule", "threshold", "target_tpr", "hidden")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
 def cmd_predict(args) -> int:
@@ -238,6 +252,30 @@ def cmd_predict(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_benchmark(args) -> int:
+    from gradosr.bench import BenchmarkSettings, run_benchmark
+    from gradosr.data.protocols import parse_index_list
+    from gradosr.device import resolve_device
+    from gradosr.evaluation import format_table
+
+    if args.split is not None or args.split_seed is not None:
+        raise ConfigError("benchmark takes --splits (e.g. 0-4), not --split/--split-seed")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    settings = BenchmarkSettings(
+        protocol=args.protocol, splits=parse_index_list(args.splits, "--splits"), methods=methods,
+        out=Path(args.out),
+        protocol_args={k: getattr(args, k) for k in ("dataset", "known", "unknown", "known_dataset",
+                                                     "unknown_dataset") if getattr(args, k) is not None},
+        train_overrides={k: getattr(args, k) for k in ("model", "epochs", "batch_size", "optimizer", "lr",
+                                                       "weight_decay") if getattr(args, k) is not None},
+        seed=args.seed, preset=args.preset, method_options=_method_options(args), data_dir=args.data_dir,
+        device=resolve_device(args.device), progress=not args.no_progress, command=_command_line(args))
+    doc = run_benchmark(settings)
+    print(format_table(doc["summary"]))
+    print(f"results written to {settings.out}/results.json, results.md, results.csv and plots/")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from gradosr.device import resolve_device
     from gradosr.evaluate import evaluate_run
@@ -262,6 +300,7 @@ def _command_line(args) -> str:
 
 
 COMMANDS = {"datasets": cmd_datasets, "train": cmd_train, "fit": cmd_fit, "evaluate": cmd_evaluate,
+            "benchmark": cmd_benchmark,
             "predict": cmd_predict}
 
 

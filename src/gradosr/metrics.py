@@ -35,6 +35,8 @@ __all__ = [
     "fpr_at_tpr",
     "macro_f1_open",
     "oscr",
+    "oscr_curve",
+    "roc_curve",
     "closed_set_accuracy",
     "open_set_predictions",
 ]
@@ -156,9 +158,16 @@ def auroc(scores: Any, is_known: Any) -> float:
     P(score of a random known > score of a random unknown) + 1/2 P(equal). Equals
     ``sklearn.metrics.roc_auc_score(is_known, scores)``.
     """
+    fpr, tpr = roc_curve(scores, is_known)
+    return _trapezoid_from_origin(fpr[1:], tpr[1:])
+
+
+def roc_curve(scores: Any, is_known: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC points (FPR(t), TPR(t)) of :func:`auroc`, from (0, 0) at t = +inf down to
+    the lowest score (1, 1); two float64 arrays of shape ``(T + 1,)``."""
     s, k = _binary_inputs(scores, is_known, "auroc")
     tp, fp = _cumulative_counts(s, k, ~k)
-    return _trapezoid_from_origin(fp / fp[-1], tp / tp[-1])
+    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
 
 
 def _average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -345,6 +354,13 @@ def oscr(y_true: Any, y_pred: Any, scores: Any) -> float:
     knowns and unknowns is a straight diagonal segment. When every known is correctly
     classified, OSCR equals :func:`auroc`.
     """
+    fpr, ccr = oscr_curve(y_true, y_pred, scores)
+    return _trapezoid_from_origin(fpr[1:], ccr[1:])
+
+
+def oscr_curve(y_true: Any, y_pred: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The points (FPR(t), CCR(t)) of :func:`oscr`'s curve, from (0, 0) at t = +inf down
+    to the lowest score; two float64 arrays of shape ``(T + 1,)``."""
     t = _labels(y_true, "y_true")
     p = _closed_pred(y_pred, "y_pred")
     s = _scores(scores)
@@ -353,7 +369,7 @@ def oscr(y_true: Any, y_pred: Any, scores: Any) -> float:
     _need_both(known, "oscr")
     correct = known & (p == t)
     n_correct, n_false = _cumulative_counts(s, correct, ~known)
-    return _trapezoid_from_origin(n_false / np.count_nonzero(~known), n_correct / np.count_nonzero(known))
+    return (np.r_[0.0, n_false / np.count_nonzero(~known)], np.r_[0.0, n_correct / np.count_nonzero(known)])
 
 
 def open_set_predictions(closed_pred: Any, scores: Any, threshold: float) -> np.ndarray:

@@ -3,9 +3,39 @@
 Every scorer returns scores where higher = more likely known.
 """
 
-from gradosr.detectors.base import OutputScorer
+from gradosr.detectors.base import ClassifierOutputs, OutputScorer
+from gradosr.detectors.energy import Energy
+from gradosr.detectors.gradnorm import GradNorm
+from gradosr.detectors.gradunc import GradUnc
+from gradosr.detectors.mls import MLS
 from gradosr.detectors.msp import MSP
+from gradosr.detectors.odin import ODIN
 
-SCORERS = {cls.method_id: cls for cls in (MSP,)}
+# TODO(other helper): OpenMax, Mahalanobis, KNN — import them from openmax.py,
+# mahalanobis.py and knn.py, and list them after ODIN below.
 
-__all__ = ["OutputScorer", "MSP", "SCORERS"]
+#: method id -> scorer class, in the order of DESIGN.md §8
+SCORERS = {
+    cls.method_id: cls
+    for cls in (
+        MSP,
+        MLS,
+        Energy,
+        ODIN,
+        # TODO(other helper): OpenMax, Mahalanobis, KNN
+        GradNorm,
+        GradUnc,
+    )
+}
+
+__all__ = [
+    "ClassifierOutputs",
+    "OutputScorer",
+    "MSP",
+    "MLS",
+    "Energy",
+    "ODIN",
+    "GradNorm",
+    "GradUnc",
+    "SCORERS",
+]

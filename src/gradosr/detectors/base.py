@@ -1,31 +1,60 @@
-"""The interface shared by the post-hoc scorers in this package.
+"""The interface shared by the post-hoc OSR scorers (baselines) in this package.
 
-A scorer sees what a trained classifier computes for a batch: its logits (N×K) and
-its penultimate features (N×D, the head's input). ``fit`` takes those of known
-training samples with their labels (N) where a method needs them; ``score_samples``
-returns a float64 array N, higher = more likely known.
+A scorer sees what one trained classifier computes for a set of samples, bundled in
+:class:`ClassifierOutputs`: its logits (N×K), its penultimate features (N×D, the head's
+input) and, for the methods that need gradients or input perturbations, the model and
+its inputs (N×C×H×W). ``fit`` takes the outputs of known *training* samples with their
+labels 0..K-1 where a method needs them (``needs_fit``); ``score_samples`` returns a
+float64 array N, higher = more likely known. Hyperparameters are fixed without looking
+at unknowns and listed in ``params`` (recorded in results).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from torch import nn
+
+
+@dataclass
+class ClassifierOutputs:
+    """What a classifier computes for N samples.
+
+    Attributes:
+        logits: float32 N×K (CPU).
+        features: float32 N×D, the input of the classification head (CPU).
+        inputs: float32 N×C×H×W model inputs, or None when no method needs them.
+        model: the classifier (eval mode), or None.
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    inputs: torch.Tensor | None = None
+    model: nn.Module | None = None
+
+    def __len__(self) -> int:
+        return len(self.logits)
 
 
 class OutputScorer:
-    """Base class of scorers on classifier outputs. Subclasses set ``method_id`` and
-    implement :meth:`score_samples`; those that learn from known data override :meth:`fit`."""
+    """Base class of post-hoc scorers. Subclasses set ``method_id`` (DESIGN.md §8),
+    ``params`` and the flags, and implement :meth:`score_samples`; those that learn
+    from known training data override :meth:`fit`."""
 
     method_id: str = ""
     #: hyperparameters, recorded in results
     params: dict = {}
     #: whether :meth:`fit` must see known training samples first
     needs_fit: bool = False
+    #: whether score_samples needs ``outputs.model`` and ``outputs.inputs``
+    needs_model: bool = False
 
-    def fit(self, logits: torch.Tensor, features: torch.Tensor, labels: np.ndarray) -> "OutputScorer":
-        """Learn from known training samples: logits N×K, features N×D, labels N (0..K-1)."""
+    def fit(self, outputs: ClassifierOutputs, labels: np.ndarray) -> "OutputScorer":
+        """Learn from known training samples (labels N, 0..K-1)."""
         return self
 
-    def score_samples(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> np.ndarray:
+    def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
         """Scores N (float64), higher = more likely known."""
         raise NotImplementedError

@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import OutputScorer
+from gradosr.detectors.base import ClassifierOutputs, OutputScorer
 
 
 class MSP(OutputScorer):
     method_id = "msp"
     params: dict = {}
 
-    def score_samples(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> np.ndarray:
-        """logits N×K -> max softmax probability N (float64)."""
-        z = torch.as_tensor(logits, dtype=torch.float64)
+    def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
+        """Max softmax probability of the logits N×K -> N (float64)."""
+        z = torch.as_tensor(outputs.logits, dtype=torch.float64)
         return torch.softmax(z, dim=1).max(dim=1).values.numpy()

@@ -1,0 +1,34 @@
+"""Energy score.
+
+Liu, Wang, Owens & Li, "Energy-based Out-of-distribution Detection", NeurIPS 2020.
+The free energy of the logits z (K) at temperature T is
+E(x; T) = -T · logsumexp_k(z_k / T); the score is the *negative* free energy,
+
+    score(x) = T · logsumexp_k(z_k / T),     T = 1,
+
+so that higher = more likely known (knowns have lower energy). Computed in float64 with
+a stable logsumexp, finite for any finite logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradosr.detectors.base import ClassifierOutputs, OutputScorer
+from gradosr.errors import ConfigError
+
+
+class Energy(OutputScorer):
+    method_id = "energy"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        if not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature!r}")
+        self.params = {"temperature": float(temperature)}
+
+    def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
+        """T · logsumexp(z / T) of the logits N×K -> N (float64)."""
+        t = self.params["temperature"]
+        z = torch.as_tensor(outputs.logits, dtype=torch.float64)
+        return (t * torch.logsumexp(z / t, dim=1)).numpy()

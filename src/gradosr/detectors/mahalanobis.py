@@ -1,0 +1,127 @@
+"""Mahalanobis distance to the nearest class mean (tied covariance).
+
+Lee, Lee, Lee & Shin, "A Simple Unified Framework for Detecting Out-of-Distribution
+Samples and Adversarial Attacks", NeurIPS 2018. On the penultimate features f (D) of
+the N known training samples with labels 0..K-1:
+
+    μ_k = mean of the features of class k,
+    Σ   = (1/N) Σ_k Σ_{i: y_i = k} (f_i − μ_k)(f_i − μ_k)ᵀ       (one tied covariance),
+
+    score(f) = − min_k (f − μ_k)ᵀ Σ⁺ (f − μ_k),
+
+higher = more likely known (closer to some class mean). Only the penultimate layer is
+used: no input perturbation and no feature ensemble / logistic regression (the paper's
+"vanilla" score on one layer).
+
+Σ⁺ is the Moore–Penrose pseudo-inverse, since ReLU features often have dead units and Σ
+is then rank-deficient. It is computed from the symmetric eigendecomposition
+Σ = U diag(λ) Uᵀ, dropping the eigenvalues λ_i ≤ D · eps · max_j |λ_j| (eps = float64
+machine epsilon) — the default cutoff of ``scipy.linalg.pinvh``, which the authors'
+code reaches through ``sklearn.covariance.EmpiricalCovariance().precision_``; equal to
+``np.linalg.pinv(Σ, rcond=D * eps)``. With W = U_r diag(λ_r^{-1/2}) (the kept columns),
+(f − μ)ᵀ Σ⁺ (f − μ) = ‖fW − μW‖², which is evaluated by explicit differences (no
+cancellation near a class mean), in float64 and in chunks of queries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradosr.detectors.base import ClassifierOutputs, OutputScorer
+from gradosr.errors import ConfigError, DataError
+
+
+def _features64(outputs: ClassifierOutputs, what: str) -> np.ndarray:
+    if outputs.features is None:
+        raise DataError(f"{what}: the outputs carry no penultimate features")
+    f = torch.as_tensor(outputs.features).detach().cpu().to(torch.float64).numpy()
+    if f.ndim != 2:
+        raise DataError(f"{what}: features must be N×D, got shape {tuple(f.shape)}")
+    if not np.isfinite(f).all():
+        raise DataError(f"{what}: features contain NaN or infinite values")
+    return f
+
+
+def _labels(labels, n: int, outputs: ClassifierOutputs) -> tuple[np.ndarray, int]:
+    """Labels as int64 N, and the class count K (the logits' width, else max label + 1)."""
+    y = np.asarray(labels)
+    if y.ndim != 1 or len(y) != n:
+        raise DataError(f"labels must be a vector of length {n}, got shape {y.shape}")
+    if n == 0:
+        raise DataError("fit needs at least one training sample")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise DataError("labels must be integers 0..K-1")
+    y = y.astype(np.int64)
+    k = int(outputs.logits.shape[1]) if outputs.logits is not None else int(y.max()) + 1
+    if y.min() < 0 or y.max() >= k:
+        raise DataError(f"labels must lie in 0..{k - 1}, got {y.min()}..{y.max()}")
+    return y, k
+
+
+class Mahalanobis(OutputScorer):
+    method_id = "mahalanobis"
+    needs_fit = True
+
+    def __init__(self, chunk_size: int | None = None) -> None:
+        """``chunk_size``: queries per block (None: automatic); it does not change results."""
+        if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+            raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.params = {
+            "layer": "penultimate",
+            "covariance": "tied (class-centred, 1/N)",
+            "inverse": "pseudo-inverse, eigenvalue cutoff D*eps*max",
+            "input_perturbation": 0.0,
+            "feature_ensemble": False,
+        }
+        self.means_: np.ndarray | None = None
+
+    def fit(self, outputs: ClassifierOutputs, labels: np.ndarray) -> "Mahalanobis":
+        """Class means and the tied covariance's pseudo-inverse square root."""
+        f = _features64(outputs, "fit")
+        y, k = _labels(labels, len(f), outputs)
+        counts = np.bincount(y, minlength=k)
+        if (counts == 0).any():
+            missing = np.flatnonzero(counts == 0).tolist()
+            raise DataError(f"Mahalanobis needs training samples of every class; none for {missing}")
+        d = f.shape[1]
+        means = np.zeros((k, d))
+        np.add.at(means, y, f)
+        means /= counts[:, None]
+        centred = f - means[y]
+        cov = centred.T @ centred / len(f)
+        cov = (cov + cov.T) / 2
+        lam, u = np.linalg.eigh(cov)
+        cutoff = d * np.finfo(np.float64).eps * (np.abs(lam).max() if d else 0.0)
+        keep = lam > cutoff
+        self.cov_ = cov
+        self.rank_ = int(keep.sum())
+        self.whiten_ = u[:, keep] / np.sqrt(lam[keep])  # D×r, Σ⁺ = W Wᵀ
+        self.means_ = means
+        self.centres_ = means @ self.whiten_  # K×r
+        self.params = {**self.params, "rank": self.rank_}
+        return self
+
+    def distances(self, outputs: ClassifierOutputs) -> np.ndarray:
+        """Squared Mahalanobis distances N×K to the class means (float64)."""
+        if self.means_ is None:
+            raise DataError("Mahalanobis: call fit on known training samples before scoring")
+        f = _features64(outputs, "score")
+        if f.shape[1] != self.means_.shape[1]:
+            raise DataError(
+                f"feature dimension {f.shape[1]} does not match the fitted {self.means_.shape[1]}"
+            )
+        k, r = self.centres_.shape
+        chunk = self.chunk_size or max(1, (1 << 21) // max(1, k * r))
+        out = np.empty((len(f), k))
+        for start in range(0, len(f), chunk):
+            z = f[start : start + chunk] @ self.whiten_  # n×r
+            diff = z[:, None, :] - self.centres_[None, :, :]
+            out[start : start + chunk] = np.einsum("nkr,nkr->nk", diff, diff)
+        return out
+
+    def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
+        """−min_k (f − μ_k)ᵀ Σ⁺ (f − μ_k) -> N (float64), higher = more likely known."""
+        return -self.distances(outputs).min(axis=1)
