@@ -366,3 +366,17 @@ def test_mlp_detector_rejects_bad_input():
     det = MLPDetector(DetectorConfig(max_epochs=2)).fit(x, y)
     with pytest.raises(DataError):
         det.predict_proba(x[:, :3])
+
+
+def test_detector_probabilities_keep_order_for_confident_logits():
+    """P(known) must not saturate to ties: logits 18 and 25 stay ordered (float32's
+    sigmoid rounds both to exactly 1.0)."""
+    from gradosr.detectors.mlp import DetectorConfig, MLPDetector
+
+    tensors = {"0.weight": torch.eye(1), "0.bias": torch.zeros(1),
+               "2.weight": torch.ones(1, 1), "2.bias": torch.zeros(1)}
+    det = MLPDetector.from_state(tensors, {"config": {**DetectorConfig(hidden=1).__dict__}, "in_features": 1})
+    p = det.predict_proba(np.array([[18.0], [25.0], [30.0]], dtype=np.float32))
+    expected = 1.0 / (1.0 + np.exp(-np.array([18.0, 25.0, 30.0])))
+    np.testing.assert_allclose(p, expected, rtol=1e-12)
+    assert p[0] < p[1] < p[2] < 1.0
