@@ -127,6 +127,9 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     splits_info = []
     t_start = time.time()
     methods = settings.methods
+    bad = [m for m in methods if m != "all" and m not in available_methods(settings.preset)]
+    if bad:
+        raise ConfigError(f"unknown methods {bad}; available: all, {', '.join(available_methods(settings.preset))}")
     for split in tqdm(settings.splits, desc="splits", disable=not settings.progress, unit="split"):
         t0 = time.time()
         spec = resolve_protocol(settings.protocol, split=split, **settings.protocol_args)

@@ -1,0 +1,112 @@
+"""gradosr benchmark: records, summary, tables, plots, caching and resumption."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import gradosr.evaluate as evaluate_mod
+from gradosr.bench import BenchmarkSettings, run_benchmark
+from gradosr.bench.report import markdown_table
+from gradosr.errors import GradOSRError
+
+METHODS = ["msp", "mls", "gradnorm"]
+
+
+def settings(out, splits=(0, 1)):
+    return BenchmarkSettings(protocol="mnist-sample", splits=list(splits), methods=METHODS, out=out,
+                             train_overrides={"epochs": 1}, progress=False, command="test")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return out, run_benchmark(settings(out), log=lambda s: None)
+
+
+def test_results_document(bench):
+    out, doc = bench
+    assert doc["schema"] == 1 and doc["command"] == "test"
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["results"] == doc["results"]
+    assert [(r["method"], r["split"]) for r in doc["results"]] == [(m, s) for s in (0, 1) for m in METHODS]
+    for method in METHODS:
+        for key in ("auroc", "macro_f1", "macro_f1_tpr95", "oscr", "fpr95"):
+            vals = np.array([r[key] for r in doc["results"] if r["method"] == method])
+            assert doc["summary"][method][key]["mean"] == pytest.approx(vals.mean(), rel=1e-12)
+            assert doc["summary"][method][key]["std"] == pytest.approx(vals.std(ddof=0), abs=1e-12)
+    # the same classifier under every method of a split
+    for s in (0, 1):
+        accs = {r["closed_acc"] for r in doc["results"] if r["split"] == s}
+        assert len(accs) == 1
+    # baselines: macro_f1 is at the 95%-acceptance rule, identical to macro_f1_tpr95
+    for r in doc["results"]:
+        assert r["threshold_rule"] == "tpr95-val" and r["macro_f1"] == r["macro_f1_tpr95"]
+
+
+def test_csv_markdown_and_plots(bench):
+    out, doc = bench
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == len(METHODS) * 2
+    assert float(rows[0]["auroc"]) == pytest.approx(doc["results"][0]["auroc"])
+    md = (out / "results.md").read_text()
+    assert "Command: `test`" in md
+    best = max(METHODS, key=lambda m: round(doc["summary"][m]["auroc"]["mean"], 3))
+    row = next(line for line in md.splitlines() if line.startswith(f"| {best} |"))
+    assert row.split("|")[2].strip().startswith("**")
+    for name in ("roc_split0.png", "oscr_split1.png", "hist_msp.png"):
+        data = (out / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_bold_marks_lowest_fpr():
+    summary = {"a": {"auroc": {"mean": 0.9, "std": 0.0}, "fpr95": {"mean": 0.2, "std": 0.0}},
+               "b": {"auroc": {"mean": 0.8, "std": 0.0}, "fpr95": {"mean": 0.1, "std": 0.0}}}
+    lines = markdown_table(summary).splitlines()
+    a, b = lines[2].split("|"), lines[3].split("|")
+    assert a[2].strip().startswith("**") and not b[2].strip().startswith("**")   # AUROC: higher wins
+    assert b[5].strip().startswith("**") and not a[5].strip().startswith("**")   # FPR: lower wins
+
+
+def test_second_run_reuses_cache(bench, monkeypatch):
+    out, doc = bench
+
+    def boom(*a, **k):
+        raise AssertionError("a cached method was recomputed")
+
+    monkeypatch.setattr(evaluate_mod.SCORERS["msp"], "score_samples", boom)
+    again = run_benchmark(settings(out), log=lambda s: None)
+    assert again["results"] == doc["results"]
+
+
+def test_interrupted_benchmark_resumes(tmp_path, monkeypatch):
+    import gradosr.bench.runner as runner
+
+    real = runner.load_protocol
+    calls = []
+
+    def flaky(spec, data_dir=None):
+        calls.append(spec.split)
+        if spec.split == 1 and calls.count(1) == 1:
+            raise KeyboardInterrupt
+        return real(spec, data_dir)
+
+    monkeypatch.setattr(runner, "load_protocol", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(settings(tmp_path), log=lambda s: None)
+    partial = json.loads((tmp_path / "results.json").read_text())
+    assert {r["split"] for r in partial["results"]} == {0}
+    cache0 = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "split0").iterdir()}
+    done = run_benchmark(settings(tmp_path), log=lambda s: None)
+    assert {r["split"] for r in done["results"]} == {0, 1}
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "split0").iterdir()} == cache0
+
+
+def test_unknown_method_is_refused(tmp_path):
+    s = settings(tmp_path, splits=(0,))
+    s.methods = ["msp", "nope"]
+    with pytest.raises(GradOSRError, match="nope"):
+        run_benchmark(s, log=lambda s: None)
