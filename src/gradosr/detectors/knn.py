@@ -69,9 +69,11 @@ class KNN(OutputScorer):
             raise DataError(f"labels must be a vector of length {len(z)}, got shape {y.shape}")
         if len(y) == 0:
             raise DataError("fit needs at least one training sample")
-        if not np.issubdtype(y.dtype, np.integer):
-            if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-                raise DataError("labels must be integers 0..K-1")
+        integral = np.issubdtype(y.dtype, np.integer) or (
+            np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y) & (y == np.round(y))))
+        )
+        if not integral:
+            raise DataError("labels must be integers 0..K-1")
         y = y.astype(np.int64)
         n_classes = int(outputs.logits.shape[1]) if outputs.logits is not None else int(y.max()) + 1
         if y.min() < 0 or y.max() >= n_classes:

@@ -50,9 +50,11 @@ def _labels(labels, n: int, outputs: ClassifierOutputs) -> tuple[np.ndarray, int
         raise DataError(f"labels must be a vector of length {n}, got shape {y.shape}")
     if n == 0:
         raise DataError("fit needs at least one training sample")
-    if not np.issubdtype(y.dtype, np.integer):
-        if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise DataError("labels must be integers 0..K-1")
+    integral = np.issubdtype(y.dtype, np.integer) or (
+        np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y) & (y == np.round(y))))
+    )
+    if not integral:
+        raise DataError("labels must be integers 0..K-1")
     y = y.astype(np.int64)
     k = int(outputs.logits.shape[1]) if outputs.logits is not None else int(y.max()) + 1
     if y.min() < 0 or y.max() >= k:

@@ -146,9 +146,11 @@ class OpenMax(OutputScorer):
             raise DataError(f"labels must be a vector of length {len(v)}, got shape {y.shape}")
         if len(y) == 0:
             raise DataError("fit needs at least one training sample")
-        if not np.issubdtype(y.dtype, np.integer):
-            if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-                raise DataError("labels must be integers 0..K-1")
+        integral = np.issubdtype(y.dtype, np.integer) or (
+            np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y) & (y == np.round(y))))
+        )
+        if not integral:
+            raise DataError("labels must be integers 0..K-1")
         y = y.astype(np.int64)
         if y.min() < 0 or y.max() >= k:
             raise DataError(f"labels must lie in 0..{k - 1}, got {y.min()}..{y.max()}")
