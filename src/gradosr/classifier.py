@@ -14,7 +14,7 @@ from torch import nn
 
 from gradosr.checkpoint import load_tensors, save_tensors
 from gradosr.errors import CheckpointError, DataError
-from gradosr.models import build_model, find_head
+from gradosr.models import build_model, eval_mode, find_head
 from gradosr.preprocess import Preprocessing
 
 CLASSIFIER_FORMAT = "gradosr.classifier"
@@ -34,20 +34,17 @@ def batched_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
     head = find_head(model) if features else None
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda m, inp, out: captured.append(inp[0].detach())) if head else None
-    flags = [m.training for m in model.modules()]
-    model.eval()
     logits, feats = [], []
     try:
-        for start in range(0, len(x), batch_size):
-            out = model(x[start:start + batch_size].to(device=device, dtype=dtype))
-            logits.append(out.detach().cpu())
-            if head is not None:
-                feats.append(captured.pop().flatten(1).cpu())
+        with eval_mode(model):
+            for start in range(0, len(x), batch_size):
+                out = model(x[start:start + batch_size].to(device=device, dtype=dtype))
+                logits.append(out.detach().cpu())
+                if head is not None:
+                    feats.append(captured.pop().flatten(1).cpu())
     finally:
         if hook is not None:
             hook.remove()
-        for m, flag in zip(model.modules(), flags):
-            m.training = flag
     n_out = logits[0].shape[1] if logits else 0
     logit_t = torch.cat(logits) if logits else torch.zeros(0, n_out)
     feat_t = (torch.cat(feats) if feats else torch.zeros(0, head.in_features)) if head is not None else None

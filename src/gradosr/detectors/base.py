@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradosr.errors import ConfigError, DataError
+
 
 @dataclass
 class ClassifierOutputs:
@@ -58,3 +60,30 @@ class OutputScorer:
     def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
         """Scores N (float64), higher = more likely known."""
         raise NotImplementedError
+
+
+def check_labels(labels, n: int, outputs: ClassifierOutputs) -> tuple[np.ndarray, int]:
+    """Training labels as int64 N, and the class count K (the logits' width, else the
+    largest label + 1). DataError for a wrong length, non-integers or out-of-range labels."""
+    y = np.asarray(labels)
+    if y.ndim != 1 or len(y) != n:
+        raise DataError(f"labels must be a vector of length {n}, got shape {y.shape}")
+    if n == 0:
+        raise DataError("fit needs at least one training sample")
+    integral = np.issubdtype(y.dtype, np.integer) or (
+        np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y) & (y == np.round(y))))
+    )
+    if not integral:
+        raise DataError("labels must be integers 0..K-1")
+    y = y.astype(np.int64)
+    k = int(outputs.logits.shape[1]) if outputs.logits is not None else int(y.max()) + 1
+    if y.min() < 0 or y.max() >= k:
+        raise DataError(f"labels must lie in 0..{k - 1}, got {y.min()}..{y.max()}")
+    return y, k
+
+
+def check_temperature(temperature: float) -> float:
+    """A temperature > 0 as float; ConfigError otherwise."""
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature!r}")
+    return float(temperature)

@@ -15,17 +15,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer
-from gradosr.errors import ConfigError
+from gradosr.detectors.base import ClassifierOutputs, OutputScorer, check_temperature
 
 
 class Energy(OutputScorer):
     method_id = "energy"
 
     def __init__(self, temperature: float = 1.0) -> None:
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature!r}")
-        self.params = {"temperature": float(temperature)}
+        self.params = {"temperature": check_temperature(temperature)}
 
     def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
         """T · logsumexp(z / T) of the logits N×K -> N (float64)."""

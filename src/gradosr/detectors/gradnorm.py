@@ -22,17 +22,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer
-from gradosr.errors import ConfigError, DataError
+from gradosr.detectors.base import ClassifierOutputs, OutputScorer, check_temperature
+from gradosr.errors import DataError
 
 
 class GradNorm(OutputScorer):
     method_id = "gradnorm"
 
     def __init__(self, temperature: float = 1.0) -> None:
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature!r}")
-        self.params = {"temperature": float(temperature)}
+        self.params = {"temperature": check_temperature(temperature)}
 
     def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
         """‖h‖₁ · ‖(softmax(z/T) - 1/K)/T‖₁ for logits N×K, features N×D -> N (float64)."""

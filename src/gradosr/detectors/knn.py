@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer
+from gradosr.detectors.base import ClassifierOutputs, OutputScorer, check_labels
 from gradosr.errors import ConfigError, DataError
 
 _NORM_EPS = 1e-12
@@ -64,20 +64,7 @@ class KNN(OutputScorer):
     def fit(self, outputs: ClassifierOutputs, labels: np.ndarray) -> "KNN":
         """Stores the normalised training features; k = min(k_max, smallest class size)."""
         z = _unit_features(outputs, "fit")
-        y = np.asarray(labels)
-        if y.ndim != 1 or len(y) != len(z):
-            raise DataError(f"labels must be a vector of length {len(z)}, got shape {y.shape}")
-        if len(y) == 0:
-            raise DataError("fit needs at least one training sample")
-        integral = np.issubdtype(y.dtype, np.integer) or (
-            np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y) & (y == np.round(y))))
-        )
-        if not integral:
-            raise DataError("labels must be integers 0..K-1")
-        y = y.astype(np.int64)
-        n_classes = int(outputs.logits.shape[1]) if outputs.logits is not None else int(y.max()) + 1
-        if y.min() < 0 or y.max() >= n_classes:
-            raise DataError(f"labels must lie in 0..{n_classes - 1}, got {y.min()}..{y.max()}")
+        y, n_classes = check_labels(labels, len(z), outputs)
         counts = np.bincount(y, minlength=n_classes)
         if (counts == 0).any():
             missing = np.flatnonzero(counts == 0).tolist()

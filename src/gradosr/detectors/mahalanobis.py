@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer
+from gradosr.detectors.base import ClassifierOutputs, OutputScorer, check_labels
 from gradosr.errors import ConfigError, DataError
 
 
@@ -41,25 +41,6 @@ def _features64(outputs: ClassifierOutputs, what: str) -> np.ndarray:
     if not np.isfinite(f).all():
         raise DataError(f"{what}: features contain NaN or infinite values")
     return f
-
-
-def _labels(labels, n: int, outputs: ClassifierOutputs) -> tuple[np.ndarray, int]:
-    """Labels as int64 N, and the class count K (the logits' width, else max label + 1)."""
-    y = np.asarray(labels)
-    if y.ndim != 1 or len(y) != n:
-        raise DataError(f"labels must be a vector of length {n}, got shape {y.shape}")
-    if n == 0:
-        raise DataError("fit needs at least one training sample")
-    integral = np.issubdtype(y.dtype, np.integer) or (
-        np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y) & (y == np.round(y))))
-    )
-    if not integral:
-        raise DataError("labels must be integers 0..K-1")
-    y = y.astype(np.int64)
-    k = int(outputs.logits.shape[1]) if outputs.logits is not None else int(y.max()) + 1
-    if y.min() < 0 or y.max() >= k:
-        raise DataError(f"labels must lie in 0..{k - 1}, got {y.min()}..{y.max()}")
-    return y, k
 
 
 class Mahalanobis(OutputScorer):
@@ -83,7 +64,7 @@ class Mahalanobis(OutputScorer):
     def fit(self, outputs: ClassifierOutputs, labels: np.ndarray) -> "Mahalanobis":
         """Class means and the tied covariance's pseudo-inverse square root."""
         f = _features64(outputs, "fit")
-        y, k = _labels(labels, len(f), outputs)
+        y, k = check_labels(labels, len(f), outputs)
         counts = np.bincount(y, minlength=k)
         if (counts == 0).any():
             missing = np.flatnonzero(counts == 0).tolist()

@@ -22,9 +22,6 @@ batch to the model's device and dtype; the final softmax is computed in float64.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,17 +29,7 @@ from torch import Tensor, nn
 
 from gradosr.detectors.base import ClassifierOutputs, OutputScorer
 from gradosr.errors import ConfigError, DataError
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+from gradosr.models import eval_mode
 
 
 def _model_and_inputs(outputs: ClassifierOutputs, method: str) -> tuple[nn.Module, Tensor]:
@@ -81,7 +68,7 @@ class ODIN(OutputScorer):
         device = ref.device if ref is not None else torch.device("cpu")
         dtype = ref.dtype if ref is not None else x.dtype
         scores = []
-        with _eval_mode(model):
+        with eval_mode(model):
             for xb in x.split(self.batch_size):
                 xb = xb.detach().to(device=device, dtype=dtype).requires_grad_(True)
                 with torch.enable_grad():

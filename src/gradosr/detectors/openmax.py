@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from scipy.optimize import brentq
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer
+from gradosr.detectors.base import ClassifierOutputs, OutputScorer, check_labels
 from gradosr.errors import ConfigError, DataError
 
 TAIL_SIZE = 20
@@ -141,19 +141,7 @@ class OpenMax(OutputScorer):
         """Per-class MAV of the correct training samples and a Weibull on their tail."""
         v = _logits64(outputs, "fit")
         k = v.shape[1]
-        y = np.asarray(labels)
-        if y.ndim != 1 or len(y) != len(v):
-            raise DataError(f"labels must be a vector of length {len(v)}, got shape {y.shape}")
-        if len(y) == 0:
-            raise DataError("fit needs at least one training sample")
-        integral = np.issubdtype(y.dtype, np.integer) or (
-            np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y) & (y == np.round(y))))
-        )
-        if not integral:
-            raise DataError("labels must be integers 0..K-1")
-        y = y.astype(np.int64)
-        if y.min() < 0 or y.max() >= k:
-            raise DataError(f"labels must lie in 0..{k - 1}, got {y.min()}..{y.max()}")
+        y, _ = check_labels(labels, len(v), outputs)
         correct = v.argmax(axis=1) == y
         means = np.zeros((k, k))
         shapes = np.zeros(k)

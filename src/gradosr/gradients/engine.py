@@ -19,8 +19,7 @@ Dropout off), so that samples are independent:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +28,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from gradosr.errors import ConfigError, DataError, GradOSRError
 from gradosr.gradients.targets import check_n_ones, check_target, per_sample_loss
-from gradosr.models import find_head_name
+from gradosr.models import eval_mode, find_head_name
 
 ParamSelection = None | Sequence[str] | Callable[[str, nn.Parameter], bool]
 
@@ -73,17 +72,6 @@ def select_parameters(model: nn.Module, params: ParamSelection = None) -> list[s
     if not names:
         raise ConfigError("no parameter selected: the representation would be empty")
     return names
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _check_x(x: object, ref: Tensor) -> Tensor:
@@ -232,7 +220,7 @@ def squared_norms(
     if method == "head" and head is None:
         raise ConfigError("method='head' needs a selection of only the head's weight/bias "
                           f"(and no batch-statistics normalisation); got {names}")
-    with _eval_mode(model):
+    with eval_mode(model):
         if head is not None:
             size = chunk_size or HEAD_CHUNK
             parts = []

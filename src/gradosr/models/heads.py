@@ -6,6 +6,9 @@ otherwise the last ``nn.Linear`` in ``model.named_modules()`` order.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
@@ -113,3 +116,16 @@ def _reset_all(model: nn.Module) -> None:
             reset()
         if isinstance(sub, _NormBase) and sub.track_running_stats:
             sub.reset_running_stats()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode (BatchNorm running stats, no dropout) inside the block,
+    then restore every submodule's own training flag, even on error."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
