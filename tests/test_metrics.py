@@ -370,3 +370,30 @@ def test_open_set_predictions_invalid():
         open_set_predictions([0, 1], [0.1], 0.0)
     with pytest.raises(DataError, match="contains -1"):
         open_set_predictions([0, -1], [0.1, 0.2], 0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_roc_curve_matches_sklearn(seed):
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    from gradosr.metrics import roc_curve
+
+    rng = np.random.default_rng(seed)
+    scores = np.round(rng.normal(size=200), 1)
+    known = rng.random(200) < 0.4
+    fpr, tpr = roc_curve(scores, known)
+    sk_fpr, sk_tpr, _ = sk_roc_curve(known, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tpr, sk_tpr, rtol=0, atol=1e-12)
+
+
+def test_oscr_curve_hand_computed():
+    from gradosr.metrics import oscr_curve
+
+    # knowns: scores 0.9 (correct), 0.8 (wrong), 0.5 (correct); unknowns: 0.8, 0.1
+    y_true = np.array([0, 1, 0, -1, -1])
+    y_pred = np.array([0, 0, 0, 1, 0])
+    scores = np.array([0.9, 0.8, 0.5, 0.8, 0.1])
+    fpr, ccr = oscr_curve(y_true, y_pred, scores)
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1.0])
+    np.testing.assert_allclose(ccr, [0, 1 / 3, 1 / 3, 2 / 3, 2 / 3])
