@@ -374,3 +374,12 @@ def test_known_class_without_enough_training_images(tmp_path, no_debian):
     write_fashion(tmp_path, counts, 5)
     with pytest.raises(DataError, match="at least 2"):
         load_protocol(spec, data_dir=tmp_path)
+
+
+def test_custom_protocol_splits_are_seeds():
+    a = resolve_protocol("custom", dataset="mnist-sample", known="0,1,2", unknown="3,4", split=3)
+    b = resolve_protocol("custom", dataset="mnist-sample", known="0,1,2", unknown="3,4")
+    assert (a.seed, a.split, b.seed) == (3, 3, 0)
+    assert a.known == b.known == (0, 1, 2) and a.label == "custom:mnist-sample/seed3"
+    with pytest.raises(ConfigError):
+        resolve_protocol("custom", dataset="mnist-sample", known="0,1,2", unknown="3,4", split=1, split_seed=2)

@@ -44,10 +44,11 @@ class BenchmarkSettings:
     Attributes:
         protocol: protocol name; ``protocol_args`` holds the other resolve_protocol
             arguments (dataset, known, unknown, known_dataset, unknown_dataset).
-        splits: standard split indices (for ``cross``: seeds).
+        splits: standard split indices (for ``cross`` and ``custom``: seeds, which
+            also seed the training).
         methods: method ids, or ``["all"]``.
         train_overrides: training options that differ from the dataset's defaults.
-        seed: training seed (for ``cross`` the split is the seed).
+        seed: training seed of the standard protocols.
         preset, method_options: the GradientOSR preset and its options.
     """
 
@@ -133,7 +134,7 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     for split in tqdm(settings.splits, desc="splits", disable=not settings.progress, unit="split"):
         t0 = time.time()
         spec = resolve_protocol(settings.protocol, split=split, **settings.protocol_args)
-        seed = spec.seed if spec.name == "cross" else settings.seed
+        seed = spec.seed if spec.name in ("cross", "custom") else settings.seed
         config = default_train_config(spec.dataset, **{**settings.train_overrides, "seed": seed})
         data = load_protocol(spec, settings.data_dir)
         run_dir = out / "runs" / f"split{split}"

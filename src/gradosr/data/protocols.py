@@ -10,7 +10,8 @@ Protocols:
   50 unknown CIFAR-100 classes.
 - ``mnist-sample``, ``fashion-mnist``: the 5 MNIST split lists applied to those datasets.
 - Any of the 10-class protocols with ``split_seed=S``: a random 6/4 split.
-- ``custom``: ``dataset`` with explicit ``known`` and ``unknown`` class lists.
+- ``custom``: ``dataset`` with explicit ``known`` and ``unknown`` class lists; its
+  "splits" are seeds (validation hold-out, proxy split and, in benchmarks, training).
 - ``cross``: every class of ``known_dataset`` is known; the unknowns are a seeded sample
   of ``unknown_dataset``'s test set, as large as the known test set (1:1; if the unknown
   set is smaller, the known test set is subsampled). Its "splits" are seeds.
@@ -90,6 +91,8 @@ class ProtocolSpec:
         """Short human-readable name, e.g. ``mnist-sample/split0``."""
         if self.name == "cross":
             return f"cross:{self.dataset}->{self.unknown_dataset}/seed{self.seed}"
+        if self.name == "custom":
+            return f"custom:{self.dataset}/seed{self.seed}"
         if self.split is not None:
             return f"{self.name}/split{self.split}"
         if self.split_seed is not None:
@@ -165,8 +168,9 @@ def resolve_protocol(
     """Build the :class:`ProtocolSpec` that the CLI flags describe.
 
     Standard protocols take ``split`` (0-4, default 0) or ``split_seed`` (random 6/4
-    split, 10-class datasets). ``custom`` takes ``dataset``, ``known``, ``unknown``;
-    ``cross`` takes ``known_dataset``, ``unknown_dataset`` and ``split`` (= seed).
+    split, 10-class datasets). ``custom`` takes ``dataset``, ``known``, ``unknown`` and
+    ``split`` (= seed); ``cross`` takes ``known_dataset``, ``unknown_dataset`` and
+    ``split`` (= seed).
     """
     if isinstance(known, str):
         known = parse_class_list(known)
@@ -177,8 +181,11 @@ def resolve_protocol(
             raise ConfigError("the custom protocol needs --dataset, --known and --unknown")
         n = dataset_info(dataset).num_classes
         _check_classes(known, unknown, n, n, True)
+        if split is not None and split_seed is not None:
+            raise ConfigError("give either --split or --split-seed, not both")
+        seed = split_seed if split_seed is not None else (int(split) if split is not None else 0)
         return ProtocolSpec("custom", dataset, tuple(known), tuple(unknown), dataset,
-                            seed=split_seed if split_seed is not None else 0, split_seed=split_seed)
+                            split=None if split is None else int(split), split_seed=split_seed, seed=seed)
     if name == "cross":
         if known_dataset is None or unknown_dataset is None:
             raise ConfigError("the cross protocol needs --known-dataset and --unknown-dataset")
