@@ -94,7 +94,7 @@ def test_datasets(capsys, tmp_path):
     assert set(rows) >= {"mnist-sample", "mnist", "fashion-mnist", "cifar10", "svhn", "tiny-imagenet"}
     assert rows["mnist-sample"].split()[1] == "found"
     assert rows["mnist"].split()[1] == "missing"  # an empty data dir holds no MNIST
-    assert rows["cifar10"].split()[1] == "no"  # "no reader ..."
+    assert rows["cifar10"].split()[1] == "missing"
 
 
 # -------------------------------------------------------------------- end to end

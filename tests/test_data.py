@@ -305,11 +305,16 @@ def test_labels_out_of_range(tmp_path, no_debian):
         load_dataset("fashion-mnist", data_dir=tmp_path)
 
 
-@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn", "tiny-imagenet"])
-def test_no_reader_yet(tmp_path, name):
-    with pytest.raises(DataError, match="reader is not implemented") as info:
+@pytest.mark.parametrize("name, expected", [
+    ("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
+    ("svhn", "svhn/train_32x32.mat"), ("tiny-imagenet", "tiny-imagenet-200"),
+])
+def test_missing_standard_dataset(tmp_path, name, expected):
+    # the readers themselves are tested in test_readers.py
+    with pytest.raises(DataError, match="missing") as info:
         load_dataset(name, data_dir=tmp_path)
-    assert name in str(info.value)
+    assert str(tmp_path / expected) in str(info.value)
+    assert "Download" in str(info.value)  # how to get it
 
 
 def test_unknown_dataset():

@@ -323,7 +323,7 @@ def test_invalid_options_raise_config_error():
             confounding_loss(z, n_ones=n)
         with pytest.raises(ConfigError):
             squared_norms(model, x, n_ones=n)
-    bad = [dict(target="nope"), dict(output="tanh"), dict(method="fast"), dict(chunk_size=0)]
+    bad = [dict(target="nope"), dict(output="tanh"), dict(method="nope"), dict(chunk_size=0)]
     for kw in bad:
         with pytest.raises(ConfigError):
             squared_norms(model, x, **kw)

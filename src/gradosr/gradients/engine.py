@@ -7,9 +7,15 @@ parameter tensor of the classifier::
 
     r(x) = [ ||grad_{theta_0} J(x)||^2, ..., ||grad_{theta_{P-1}} J(x)||^2 ]
 
-Two ways to compute it, with the model in eval mode (BatchNorm on running statistics,
+Three ways to compute it, with the model in eval mode (BatchNorm on running statistics,
 Dropout off), so that samples are independent:
 
+- ``"fast"``: one batched forward and one batched backward of the summed per-sample
+  losses per chunk; hooks capture every supported layer's input and output gradient and
+  the per-sample squared norms follow layer by layer in closed form (Opacus/BackPACK
+  rules, see :mod:`gradosr.gradients.fast`). Parameters without a rule (other layer
+  types, parameters used outside their module, modules called twice) are computed by
+  ``"func"`` restricted to them;
 - ``"func"``: ``torch.func.functional_call`` + ``vmap(grad(...))`` over the samples of a
   chunk, reducing every gradient to its squared norm inside the vmapped function;
 - ``"head"``: exact closed form when only the final ``nn.Linear`` head's weight and/or
@@ -27,16 +33,18 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _NormBase
 
 from gradosr.errors import ConfigError, DataError, GradOSRError
+from gradosr.gradients import fast
 from gradosr.gradients.targets import check_n_ones, check_target, per_sample_loss
 from gradosr.models import eval_mode, find_head_name
 
 ParamSelection = None | Sequence[str] | Callable[[str, nn.Parameter], bool]
 
-#: default samples per chunk: closed form; general path (at most, see _func_chunk)
-HEAD_CHUNK, FUNC_CHUNK = 512, 32
+#: default samples per chunk: closed form; hook-based fast path; general path (at most,
+#: see _func_chunk)
+HEAD_CHUNK, FAST_CHUNK, FUNC_CHUNK = 512, 256, 32
 #: the general path holds chunk x (selected parameter elements) gradient entries at once
 FUNC_BUDGET = 2**26
-METHODS = ("auto", "func", "head")
+METHODS = ("auto", "fast", "func", "head")
 
 
 def select_parameters(model: nn.Module, params: ParamSelection = None) -> list[str]:
@@ -158,6 +166,49 @@ def _func_fn(
     return lambda xc: batched(selected, xc)
 
 
+def _fast_norms(
+    model: nn.Module,
+    names: list[str],
+    x: Tensor,
+    loss: Callable[[Tensor], Tensor],
+    chunk_size: int | None,
+) -> Tensor:
+    """The ``"fast"`` path over all of ``x`` (model already in eval mode)."""
+    the_plan = fast.plan(model, names)
+    func_fns: dict[tuple[str, ...], Callable[[Tensor], Tensor]] = {}
+
+    def fallback(missing: list[str], xc: Tensor) -> Tensor:
+        key = tuple(missing)
+        if key not in func_fns:
+            func_fns[key] = _func_fn(model, missing, loss)
+        step = _func_chunk(model, missing)
+        return torch.cat([func_fns[key](xs) for xs in xc.split(step)])
+
+    def loss_of_output(out: object) -> Tensor:
+        return loss(_check_out(out, batch))
+
+    params = [getattr(mod, attr) for mod, attr in the_plan.fast.values()]
+    flags = [p.requires_grad for p in params]
+    parts = []
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for xc in x.split(chunk_size or FAST_CHUNK):
+            batch = xc.shape[0]
+            if the_plan.fast:
+                cols, failed = fast.run_chunk(model, the_plan, xc, loss_of_output)
+            else:
+                cols, failed = {}, []
+            missing = [n for n in names if n not in cols]
+            if missing:
+                cols.update(zip(missing, fallback(missing, xc).unbind(1)))
+            parts.append(torch.stack([cols[n] for n in names], dim=1))
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return torch.cat(parts).detach()
+
+
 def squared_norms(
     model: nn.Module,
     x: Tensor,
@@ -182,12 +233,18 @@ def squared_norms(
         output: ``"softmax"`` or ``"sigmoid"`` for the confounding target.
         params: parameter selection, see :func:`select_parameters` (default: all).
         chunk_size: samples processed at once (memory bound); does not change the
-            result. Default: 512 for the closed form; for ``"func"``, 32, or fewer
-            when 32 x (selected parameter elements) exceeds ``FUNC_BUDGET`` = 2**26
-            (e.g. 5 for a whole ResNet-18).
+            result. Default: 512 for the closed form; 256 for ``"fast"``; for
+            ``"func"``, 32, or fewer when 32 x (selected parameter elements) exceeds
+            ``FUNC_BUDGET`` = 2**26 (e.g. 5 for a whole ResNet-18).
         method: ``"auto"`` (closed form when only the head's weight/bias are selected
-            and the logits are the head's output, else ``"func"``), ``"func"`` or
-            ``"head"`` (ConfigError if the selection or model does not allow it).
+            and the logits are the head's output, else ``"fast"``, or ``"func"`` for a
+            model with BatchNorm on batch statistics), ``"fast"`` (hook-based batched
+            path, ``"func"`` for the parameters it has no rule for; ConfigError for a
+            model with BatchNorm on batch statistics), ``"func"`` (vmap over samples)
+            or ``"head"`` (ConfigError if the selection or model does not allow it).
+            ``"fast"`` relies on the samples of a batch being independent in eval mode,
+            true of standard layers; a model that mixes samples in another way (its own
+            batch statistics) must use ``"func"``, which runs each sample alone.
 
     Returns:
         ``(features, names)``: ``features`` of shape ``(B, P)`` in the model's parameter
@@ -216,7 +273,10 @@ def squared_norms(
     def loss(z: Tensor) -> Tensor:
         return per_sample_loss(z, target=target, n_ones=n_ones, output=output)
 
-    head = _head_only(model, names) if method != "func" else None
+    head = _head_only(model, names) if method in ("auto", "head") else None
+    if method == "fast" and fast.batch_coupled(model):
+        raise ConfigError("method='fast' needs samples that are independent in eval mode; "
+                          "the model has BatchNorm without running statistics")
     if method == "head" and head is None:
         raise ConfigError("method='head' needs a selection of only the head's weight/bias "
                           f"(and no batch-statistics normalisation); got {names}")
@@ -234,6 +294,8 @@ def squared_norms(
             if method == "head":
                 raise ConfigError("method='head' needs the model's output to be exactly the "
                                   "head's output (logits = head(h)), which it is not")
+        if method in ("auto", "fast") and not fast.batch_coupled(model):
+            return _fast_norms(model, names, x, loss, chunk_size), names
         fn = _func_fn(model, names, loss)
         size = chunk_size or _func_chunk(model, names)
         return torch.cat([fn(xc) for xc in x.split(size)]), names
