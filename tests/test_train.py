@@ -301,3 +301,16 @@ def test_ensure_classifier_completes_a_run_missing_only_test_acc(tmp_path):
     assert meta["complete"] is True and "test_acc" in meta and meta["val_acc"] is not None
     _, reused = ensure_classifier(data, config, out, progress=False)
     assert reused is True
+
+
+def test_image_size_option_sets_the_preprocessing():
+    from gradosr.train import default_preprocessing, default_train_config
+
+    cfg = default_train_config("tiny-imagenet", image_size=64)
+    assert (cfg.model, cfg.epochs, cfg.image_size) == ("cnn32", 100, 64)
+    assert default_preprocessing("tiny-imagenet", cfg.model, cfg.image_size).size == (64, 64)
+    assert default_preprocessing("tiny-imagenet", "cnn32").size == (32, 32)
+    assert default_preprocessing("fashion-mnist", "lenet").size == (28, 28)
+    assert default_preprocessing("fashion-mnist", "cnn32").size == (32, 32)
+    with pytest.raises(ConfigError):
+        default_train_config("cifar10", image_size=4)

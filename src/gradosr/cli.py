@@ -47,6 +47,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=("adam", "sgd"), default=None)
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--image-size", type=int, default=None,
+                   help="model input side (default 28 for lenet on 28×28 data, else 32; e.g. 64 for TinyImageNet)")
     g.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
 
 
@@ -135,7 +137,8 @@ def _train_config_from_args(args, dataset: str):
     from gradosr.train import default_train_config
 
     return default_train_config(dataset, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-                                optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
+                                optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                                image_size=args.image_size)
 
 
 def cmd_datasets(args) -> int:
@@ -183,6 +186,7 @@ def cmd_fit(args) -> int:
     from gradosr.data.protocols import load_protocol
     from gradosr.device import resolve_device
     from gradosr.osr import GradientOSR, make_config
+    from gradosr.train import identity_mismatch
 
     spec = _spec_from_args(args)
     config = _train_config_from_args(args, spec.dataset)
@@ -191,7 +195,7 @@ def cmd_fit(args) -> int:
     out = Path(args.out)
     if (out / "osr.json").is_file():
         stored = read_json(out / "osr.json")
-        if stored.get("config") == method.to_dict() and stored.get("train") == config.to_dict():
+        if identity_mismatch(stored, {"config": method.to_dict(), "train": config.to_dict()}) is None:
             print(f"{out} already holds this fitted method; nothing to do (gradosr evaluate --run {out})")
             return 0
     device = resolve_device(args.device)
@@ -267,7 +271,7 @@ def cmd_benchmark(args) -> int:
         protocol_args={k: getattr(args, k) for k in ("dataset", "known", "unknown", "known_dataset",
                                                      "unknown_dataset") if getattr(args, k) is not None},
         train_overrides={k: getattr(args, k) for k in ("model", "epochs", "batch_size", "optimizer", "lr",
-                                                       "weight_decay") if getattr(args, k) is not None},
+                                                       "weight_decay", "image_size") if getattr(args, k) is not None},
         seed=args.seed, preset=args.preset, method_options=_method_options(args), data_dir=args.data_dir,
         device=resolve_device(args.device), progress=not args.no_progress, command=_command_line(args))
     doc = run_benchmark(settings)

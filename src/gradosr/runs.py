@@ -53,7 +53,7 @@ def ensure_classifier(
         if not stored.meta.get("complete") and not resume:
             raise CheckpointError(f"{out_dir} holds an unfinished training run (epoch "
                                   f"{stored.meta.get('epoch')}/{config.epochs}): pass --resume to continue it")
-    pre = default_preprocessing(data.spec.dataset, config.model)
+    pre = default_preprocessing(data.spec.dataset, config.model, config.image_size)
     clf = train_classifier(
         data.known_train, data.val, list(data.spec.known), config, pre, out_dir=out_dir, resume=resume,
         progress=progress, device=device, meta={"protocol": data.spec.to_dict()},

@@ -45,6 +45,8 @@ class TrainConfig:
         augment: ``none``, ``crop`` (random crop, zero padding 4) or ``crop-flip``
             (plus random horizontal flip).
         seed: initialisation, shuffling, augmentation and dropout seed.
+        image_size: side of the (square) model input; None = the default rule of
+            :func:`default_preprocessing` (e.g. 64 keeps TinyImageNet at full size).
     """
 
     model: str = "lenet"
@@ -57,6 +59,7 @@ class TrainConfig:
     schedule: str = "none"
     augment: str = "none"
     seed: int = 0
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
@@ -65,6 +68,8 @@ class TrainConfig:
             raise ConfigError(f"schedule must be none or cosine, got {self.schedule!r}")
         if self.augment not in AUGMENTATIONS:
             raise ConfigError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+        if self.image_size is not None and not 8 <= self.image_size <= 1024:
+            raise ConfigError(f"image_size must lie in 8..1024, got {self.image_size}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0:
             raise ConfigError(f"invalid training config {self}")
 
@@ -93,10 +98,14 @@ def default_train_config(dataset: str, **overrides) -> TrainConfig:
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def default_preprocessing(dataset: str, model: str) -> Preprocessing:
-    """28×28 for lenet on 28×28 data, else 32×32; the dataset's channel count."""
+def default_preprocessing(dataset: str, model: str, image_size: int | None = None) -> Preprocessing:
+    """``image_size`` when given; else 28×28 for lenet on 28×28 data and 32×32 otherwise
+    (TinyImageNet included); the dataset's channel count."""
     info = dataset_info(dataset)
-    size = info.image_size if (model == "lenet" and info.image_size == (28, 28)) else (32, 32)
+    if image_size is not None:
+        size = (image_size, image_size)
+    else:
+        size = info.image_size if (model == "lenet" and info.image_size == (28, 28)) else (32, 32)
     return Preprocessing.default(size, info.channels)
 
 

@@ -30,7 +30,7 @@ from gradosr.data.protocols import load_protocol, resolve_protocol
 from gradosr.errors import CheckpointError, ConfigError
 from gradosr.evaluate import SplitScores, available_methods, score_split, split_records
 from gradosr.evaluation import results_document
-from gradosr.train import default_train_config
+from gradosr.train import default_train_config, identity_mismatch
 
 SCORES_FORMAT = "gradosr.scores"
 #: bumped whenever a change to the scoring code changes scores: old cache entries are recomputed
@@ -108,7 +108,7 @@ def _fitted_osr(data, settings: BenchmarkSettings, config, run_dir: Path, method
     wanted = make_config(settings.preset, **settings.method_options)
     if (run_dir / "osr.json").is_file():
         stored = read_json(run_dir / "osr.json")
-        if stored.get("config") == wanted.to_dict() and stored.get("train") == config.to_dict():
+        if identity_mismatch(stored, {"config": wanted.to_dict(), "train": config.to_dict()}) is None:
             osr = GradientOSR.load(run_dir, device=settings.device)
             return osr.classifier, osr
     osr = GradientOSR(settings.preset, train_config=config, device=settings.device, progress=progress,
