@@ -150,8 +150,6 @@ def cmd_datasets(args) -> int:
         where = locate_dataset(name, args.data_dir)
         if where is not None:
             status = f"found     {where}"
-        elif info.loader is None:
-            status = f"no reader {info.missing_reader}; files: {info.how_to_get}"
         else:
             status = f"missing   {info.how_to_get}"
         print(f"  {name:<14} {status}")

@@ -51,10 +51,9 @@ class DatasetInfo:
         how_to_get: one sentence telling a user how to obtain the files.
         class_names: names by label id, where known.
         folders: given the data root, the folders searched in order.
-        loader: given the data root, returns (train, test) ImageSets. None = no reader yet.
+        loader: given the data root, returns (train, test) ImageSets.
         locate: given the data root, the folder holding the training data, or None
             when it is not there (``locate_dataset``, ``gradosr datasets``).
-        missing_reader: why there is no reader, when ``loader`` is None.
     """
 
     name: str
@@ -64,9 +63,8 @@ class DatasetInfo:
     how_to_get: str
     class_names: tuple[str, ...] = ()
     folders: Callable[[Path], list[Path]] = field(default=lambda root: [root])
-    loader: Callable[[Path], tuple[ImageSet, ImageSet]] | None = None
+    loader: Callable[[Path], tuple[ImageSet, ImageSet]] = None  # type: ignore[assignment]  # set for every dataset
     locate: Callable[[Path], Path | None] | None = None
-    missing_reader: str = ""
 
 
 def _mnist_folders(root: Path) -> list[Path]:
@@ -179,11 +177,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> tuple[
     Raises:
         ConfigError: unknown name.
         DataError: a file is missing or corrupt (the message names the path and how to
-            get the data), or the dataset has no reader yet.
+            get the data).
     """
     info = dataset_info(name)
-    if info.loader is None:
-        raise DataError(f"dataset {name!r} cannot be loaded: {info.missing_reader}")
     train, test = info.loader(data_root(data_dir))
     for part, split in ((train, "train"), (test, "test")):
         if part.labels.size and (part.labels.min() < 0 or part.labels.max() >= info.num_classes):
