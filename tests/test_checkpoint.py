@@ -258,10 +258,14 @@ def test_save_tensors_failure_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_tensors(tmp_path, "model", {"w": torch.zeros(3)}, {"v": 2}, "classifier")
     monkeypatch.undo()
-    # new weights landed but the old JSON's sha256 does not match them: refused, not misread
-    with pytest.raises(CheckpointError, match="sha256"):
-        load_tensors(tmp_path, "model", "classifier")
+    # the new weights wait in model.safetensors.pending: the previous object is intact
+    got, meta = load_tensors(tmp_path, "model", "classifier")
+    assert torch.equal(got["w"], torch.ones(3)) and meta["v"] == 1
     assert leftovers(tmp_path) == []
+    # the next save drops the stale pending file
+    save_tensors(tmp_path, "model", {"w": torch.full((3,), 5.0)}, {"v": 3}, "classifier")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
+    assert torch.equal(load_tensors(tmp_path, "model", "classifier")[0]["w"], torch.full((3,), 5.0))
 
 
 # --- read_json ------------------------------------------------------------------------

@@ -307,17 +307,25 @@ def test_conv1d_geometries(cfg, fallback_log):
     assert fallback_log == []
 
 
-def test_conv_gram_and_explicit_branches_agree(monkeypatch):
-    """The same layer through the Gram identity and the explicit per-sample gradient."""
+@pytest.mark.parametrize("cfg", ["strided_padded", "dilated", "grouped", "rect_kernel",
+                                 "circular", "gram"])
+@pytest.mark.parametrize("branch", ["gram", "unfold", "grouped"])
+def test_conv_branches(cfg, branch, monkeypatch):
+    """Each conv geometry through the Gram identity, the unfolded product and the
+    per-sample weight gradients of one grouped convolution (sub-batches of 1, 2, 8)."""
+    conv = CONV2D[cfg]
+    shape = (conv["in_channels"], 9, 8)
     torch.manual_seed(9)
-    model = _conv_model(nn.Conv2d(**CONV2D["gram"]), (12, 9, 8))
-    x = torch.randn(3, 12, 9, 8, dtype=torch.float64)
-    # L = 3 x 3 positions, K_g = 108, O_g = 16: the Gram identity is the cheaper one
-    assert 9 * (108 + 16) < 108 * 16
-    gram, names = squared_norms(model, x, method="fast")
-    close(gram, naive(model, x, names))
-    monkeypatch.setattr(fast, "FAST_BUDGET", 1)  # one sample per sub-batch
-    close(squared_norms(model, x, method="fast")[0], gram)
+    model = _conv_model(nn.Conv2d(**conv), shape)
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    names = select_parameters(model)
+    expected = naive(model, x, names)
+    monkeypatch.setattr(fast, "_conv_branch", lambda *a: branch)
+    for sub in (1, 2, 8):
+        monkeypatch.setattr(fast, "CONV_SUB", sub)
+        close(squared_norms(model, x, method="fast")[0], expected)
+    monkeypatch.setattr(fast, "FAST_BUDGET", 1)  # one sample per unfolded sub-batch
+    close(squared_norms(model, x, method="fast")[0], expected)
 
 
 @pytest.mark.parametrize("t,d,o", [(2, 8, 8), (8, 3, 4), (1, 5, 4)])

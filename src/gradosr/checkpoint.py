@@ -8,6 +8,13 @@ A stored object ``<dir>/<stem>`` is two files:
 Every file is written atomically: to a temporary file in the same folder, fsync'ed,
 then renamed over the target, so a crash never leaves a half-written file. Pickles
 (``torch.load`` of user files) are never used.
+
+The pair of files is replaced as one: the new weights go to
+``<stem>.safetensors.pending`` first, then the JSON (the commit point) is replaced,
+then the pending file is renamed over ``<stem>.safetensors``. A crash before the JSON
+lands leaves the previous object readable; a crash after it leaves the new one
+readable (:func:`load_tensors` takes the pending file when it is the one the JSON
+names, and the next save completes or drops it).
 """
 
 from __future__ import annotations
@@ -43,8 +50,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (best effort: not every system allows it)."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -81,15 +93,41 @@ def save_tensors(directory: str | os.PathLike, stem: str, tensors: dict[str, tor
                  meta: dict, fmt: str) -> None:
     """Store ``tensors`` and ``meta`` as ``<directory>/<stem>.{safetensors,json}``.
 
-    The weights file is written first, then the JSON holding its sha256, so the JSON's
-    presence marks a complete object.
+    The weights are written first (to ``<stem>.safetensors.pending``), then the JSON
+    holding their sha256, which commits the object, then the pending file is renamed
+    into place: a crash at any point leaves either the previous or the new object
+    readable, never a mix (see the module docstring).
     """
     directory = Path(directory)
     data = st_save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()})
-    atomic_write_bytes(directory / f"{stem}.safetensors", data)
+    wpath, pending = directory / f"{stem}.safetensors", directory / f"{stem}.safetensors{PENDING}"
+    _settle(directory, stem)
+    atomic_write_bytes(pending, data)
     record = {"format": fmt, "format_version": FORMAT_VERSION,
               "sha256": hashlib.sha256(data).hexdigest(), **meta}
-    atomic_write_json(directory / f"{stem}.json", record)
+    atomic_write_json(directory / f"{stem}.json", record)  # the commit point
+    os.replace(pending, wpath)
+    _fsync_dir(directory)
+
+
+PENDING = ".pending"
+
+
+def _settle(directory: Path, stem: str) -> None:
+    """Complete (when the JSON names it) or drop a pending weights file that a crashed
+    :func:`save_tensors` left behind, before it is overwritten."""
+    pending = directory / f"{stem}.safetensors{PENDING}"
+    if not pending.is_file():
+        return
+    try:
+        sha = json.loads((directory / f"{stem}.json").read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        sha = None
+    if sha is not None and hashlib.sha256(pending.read_bytes()).hexdigest() == sha:
+        os.replace(pending, directory / f"{stem}.safetensors")
+        _fsync_dir(directory)
+    else:
+        pending.unlink()
 
 
 def load_tensors(directory: str | os.PathLike, stem: str, fmt: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -99,9 +137,7 @@ def load_tensors(directory: str | os.PathLike, stem: str, fmt: str) -> tuple[dic
         CheckpointError: a file is missing or corrupt, the checksum differs, the object
             is of another kind or of a newer format version, or a pickle was handed in.
     """
-    directory = Path(directory)
-    if directory.is_file():
-        raise CheckpointError(_pickle_hint(directory) or f"{directory} is a file; expected a checkpoint folder")
+    directory = check_folder(directory)
     meta = read_json(directory / f"{stem}.json")
     if meta.get("format") != fmt:
         raise CheckpointError(f"{directory / (stem + '.json')} holds a {meta.get('format')!r}, expected {fmt!r}")
@@ -112,10 +148,14 @@ def load_tensors(directory: str | os.PathLike, stem: str, fmt: str) -> tuple[dic
             f"<= {FORMAT_VERSION}): upgrade gradosr to read it"
         )
     wpath = directory / f"{stem}.safetensors"
-    try:
-        data = wpath.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"missing weights file {wpath}") from None
+    data = _read_weights(wpath)
+    if hashlib.sha256(data or b"").hexdigest() != meta.get("sha256"):
+        # a save that crashed after its JSON landed: the weights are still pending
+        pending = _read_weights(wpath.with_name(wpath.name + PENDING))
+        if pending is not None and hashlib.sha256(pending).hexdigest() == meta.get("sha256"):
+            data = pending
+    if data is None:
+        raise CheckpointError(f"missing weights file {wpath}")
     if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
         hint = _pickle_hint(wpath)
         raise CheckpointError(hint or f"{wpath} does not match the sha256 recorded in {stem}.json: the file is corrupt or was replaced")
@@ -124,6 +164,25 @@ def load_tensors(directory: str | os.PathLike, stem: str, fmt: str) -> tuple[dic
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(_pickle_hint(wpath) or f"{wpath} is not a valid safetensors file: {exc}") from None
     return tensors, meta
+
+
+def _read_weights(path: Path) -> bytes | None:
+    """The bytes of ``path``, None when it does not exist; CheckpointError when unreadable."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def check_folder(path: str | os.PathLike, what: str = "a checkpoint folder") -> Path:
+    """``path`` as a Path; CheckpointError when it is a file (a pickle / torch.save file
+    is refused with that reason) rather than ``what``."""
+    path = Path(path)
+    if path.is_file():
+        raise CheckpointError(_pickle_hint(path) or f"{path} is a file; expected {what}")
+    return path
 
 
 def _pickle_hint(path: Path) -> str | None:

@@ -78,21 +78,41 @@ class Classifier:
     def num_classes(self) -> int:
         return len(self.class_ids)
 
+    @property
+    def input_shape(self) -> tuple[int, int, int] | None:
+        """C×H×W of the model inputs, when known: the preprocessing's, else the shape
+        recorded in ``meta["input_shape"]`` (set when a GradientOSR is fitted on arrays)."""
+        if self.preprocessing is not None:
+            return (self.preprocessing.channels, *self.preprocessing.size)
+        shape = self.meta.get("input_shape")
+        return tuple(int(s) for s in shape) if shape else None
+
     def inputs(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Model inputs (float N×C×H×W) of ``images``; rejects NaN/Inf.
 
         uint8 images N×H×W×C (or N×H×W) go through the stored preprocessing; float
-        arrays/tensors of 4 dimensions are taken as model inputs already.
+        arrays/tensors of 4 dimensions are taken as model inputs already, and must then
+        have the C×H×W of :attr:`input_shape` when it is known.
         """
         if isinstance(images, torch.Tensor):
             is_float = images.is_floating_point()
         else:
-            images = np.asarray(images)
+            try:
+                images = np.asarray(images)
+            except (ValueError, TypeError) as exc:
+                raise DataError(f"inputs could not be converted to an array: {exc}") from None
+            if images.dtype.kind not in "biuf":
+                raise DataError(f"inputs must be uint8 images or float model inputs, got dtype {images.dtype}")
             is_float = np.issubdtype(images.dtype, np.floating)
         if is_float:
             x = torch.as_tensor(images)
             if x.ndim != 4:
                 raise DataError(f"float inputs must be model inputs N×C×H×W, got shape {tuple(x.shape)}")
+            want = self.input_shape
+            if want is not None and tuple(x.shape[1:]) != want:
+                raise DataError(f"float inputs must be model inputs N×{want[0]}×{want[1]}×{want[2]} for this "
+                                f"classifier, got shape {tuple(x.shape)}; pass uint8 images N×H×W×C to have "
+                                "them converted and resized")
         elif self.preprocessing is None:
             raise DataError("this classifier has no stored preprocessing: pass float model inputs N×C×H×W")
         else:

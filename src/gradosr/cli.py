@@ -2,6 +2,7 @@
 
 Every expected failure is a :class:`gradosr.errors.GradOSRError`: it prints one line
 ``gradosr: error: …`` on stderr and exits with status 2 (``--debug`` shows the traceback).
+An ``OSError`` (a file or folder the system will not read or write) is reported the same way.
 """
 
 from __future__ import annotations
@@ -119,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_folder(path: str) -> Path:
+    """``--out`` as a Path; ConfigError when it exists and is not a folder (checked before any work)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    return out
+
+
 def _version() -> str:
     from gradosr import __version__
 
@@ -163,13 +172,13 @@ def cmd_train(args) -> int:
 
     spec = _spec_from_args(args)
     config = _train_config_from_args(args, spec.dataset)
+    out = _out_folder(args.out) / "classifier"
     device = resolve_device(args.device)
     data = load_protocol(spec, args.data_dir)
     print(f"protocol {spec.label}: known {list(spec.known)}, unknown {list(spec.unknown)}; "
           f"{len(data.known_train)} train / {len(data.val)} val / {len(data.known_test)} known test images")
     print(f"training {config.model} on {device}: {config.to_dict()}")
     t0 = time.time()
-    out = Path(args.out) / "classifier"
     clf, reused = ensure_classifier(data, config, out, resume=args.resume, device=device,
                                     progress=not args.no_progress)
     if reused:
@@ -190,7 +199,7 @@ def cmd_fit(args) -> int:
     config = _train_config_from_args(args, spec.dataset)
     options = _method_options(args)
     method = make_config(args.preset, **options)
-    out = Path(args.out)
+    out = _out_folder(args.out)
     if (out / "osr.json").is_file():
         stored = read_json(out / "osr.json")
         if identity_mismatch(stored, {"config": method.to_dict(), "train": config.to_dict()}) is None:
@@ -265,7 +274,7 @@ def cmd_benchmark(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = BenchmarkSettings(
         protocol=args.protocol, splits=parse_index_list(args.splits, "--splits"), methods=methods,
-        out=Path(args.out),
+        out=_out_folder(args.out),
         protocol_args={k: getattr(args, k) for k in ("dataset", "known", "unknown", "known_dataset",
                                                      "unknown_dataset") if getattr(args, k) is not None},
         train_overrides={k: getattr(args, k) for k in ("model", "epochs", "batch_size", "optimizer", "lr",
@@ -316,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except GradOSRError as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"gradosr: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # the system refused a read or write (permissions, disk full, a file for a folder)
         if getattr(args, "debug", False):
             raise
         print(f"gradosr: error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from gradosr.checkpoint import check_folder
 from gradosr.classifier import Classifier
 from gradosr.data.protocols import OSRData, ProtocolSpec, load_protocol
 from gradosr.detectors import SCORERS, ClassifierOutputs
@@ -119,6 +120,7 @@ def evaluate_run(run: Path, methods: list[str] | None, data_dir=None, device="cp
     """
     from gradosr.osr import GradientOSR
 
+    run = check_folder(run, "a run folder (classifier/, osr.json)")
     clf_dir = run / "classifier"
     if not (clf_dir / "model.json").is_file():
         raise CheckpointError(f"{run} has no trained classifier ({clf_dir}/model.json); run gradosr train or fit first")

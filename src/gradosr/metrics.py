@@ -47,6 +47,16 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 
+def _some(values: np.ndarray, limit: int = 10) -> str:
+    """Up to ``limit`` distinct values of ``values``, on one line (for error messages)."""
+    try:
+        values = np.unique(values)
+    except TypeError:  # objects that do not sort
+        values = np.asarray(values).ravel()
+    shown = ", ".join(repr(v.item() if isinstance(v, np.generic) else v) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
 def _as_1d(x: Any, name: str) -> np.ndarray:
     """Convert ``x`` (array, list or torch tensor) to a non-empty 1-D numpy array."""
     if hasattr(x, "detach"):  # torch tensor, without importing torch
@@ -82,7 +92,7 @@ def _is_known(x: Any, name: str = "is_known") -> np.ndarray:
     if arr.dtype == np.bool_:
         return arr
     if not np.issubdtype(arr.dtype, np.number) or not np.all((arr == 0) | (arr == 1)):
-        raise DataError(f"{name} must be boolean (or 0/1), got values {np.unique(arr)[:10]}")
+        raise DataError(f"{name} must be boolean (or 0/1), got values {_some(arr)}")
     return arr.astype(bool)
 
 
@@ -93,7 +103,7 @@ def _labels(x: Any, name: str) -> np.ndarray:
         raise DataError(f"{name} must hold integer labels, got dtype {arr.dtype}")
     arr = arr.astype(np.int64)
     if np.any(arr < -1):
-        raise DataError(f"{name} has labels below -1 (only -1 marks unknown): {np.unique(arr[arr < -1])[:10]}")
+        raise DataError(f"{name} has labels below -1 (only -1 marks unknown): {_some(arr[arr < -1])}")
     return arr
 
 
@@ -297,7 +307,7 @@ def macro_f1_open(y_true: Any, y_pred: Any, num_known: int | None = None) -> flo
         for name, arr in (("y_true", t), ("y_pred", p)):
             if np.any(arr >= num_known):
                 raise DataError(
-                    f"{name} has labels outside {{-1, 0..{int(num_known) - 1}}}: {np.unique(arr[arr >= num_known])[:10]}"
+                    f"{name} has labels outside {{-1, 0..{int(num_known) - 1}}}: {_some(arr[arr >= num_known])}"
                 )
         classes = np.arange(-1, int(num_known))
     f1 = []

@@ -28,11 +28,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradosr.checkpoint import FORMAT_VERSION, atomic_write_json, load_tensors, read_json, save_tensors
+from gradosr.checkpoint import (
+    FORMAT_VERSION,
+    atomic_write_json,
+    check_folder,
+    load_tensors,
+    read_json,
+    save_tensors,
+)
 from gradosr.classifier import Classifier
 from gradosr.data.protocols import OSRData
 from gradosr.detectors.mlp import DetectorConfig, MLPDetector
 from gradosr.errors import CheckpointError, ConfigError, DataError
+from gradosr.gradients.targets import check_n_ones
 from gradosr.metrics import open_set_predictions, threshold_at_tpr
 from gradosr.models import find_head, reset_parameters, resize_head
 from gradosr.representation import (
@@ -223,6 +231,7 @@ class GradientOSR:
         """
         run_dir = Path(run_dir) if run_dir is not None else None
         if isinstance(x, OSRData):
+            self._check_options(x.num_known)
             data = x
             if self.classifier is None:
                 from gradosr.runs import ensure_classifier
@@ -244,6 +253,7 @@ class GradientOSR:
             if self.classifier is None:
                 raise ConfigError("fitting on arrays needs a trained classifier: use GradientOSR.from_classifier, "
                                   "or pass a protocol (OSRData)")
+            self._check_options(self.num_known)
             xt, yt, xv, yv = self._split_arrays(x, y, x_val, y_val)
             seed, identity = self.seed, {}
         self._fit_arrays(xt, np.asarray(yt), xv, np.asarray(yv), seed, identity, run_dir)
@@ -251,12 +261,24 @@ class GradientOSR:
             self.save(run_dir)
         return self
 
+    def _check_options(self, k: int) -> None:
+        """ConfigError, before anything is trained or written, when the options do not fit
+        K = ``k`` known classes: too few for a proxy split, or more confounding ones than
+        the proxy classifier (the one with the fewest outputs) has."""
+        n_proxy = k - len(proxy_split(k, 0, self.config.proxy_unknown))
+        try:
+            check_n_ones(self.config.representation.n_ones, n_proxy)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (the proxy classifier has {n_proxy} of the {k} known classes)") from None
+
     def _split_arrays(self, x, y, x_val, y_val):
         from sklearn.model_selection import train_test_split
 
         if y is None:
             raise ConfigError("fit(x, y) needs the labels y (0..K-1) of x")
         xt = self.classifier.inputs(x)
+        if self.classifier.input_shape is None:  # recorded, so that later inputs of another shape are refused
+            self.classifier.meta["input_shape"] = list(xt.shape[1:])
         yt = np.asarray(torch.as_tensor(np.asarray(y)).numpy(), dtype=np.int64)
         if yt.ndim != 1 or len(yt) != len(xt):
             raise DataError(f"y must hold one label per sample ({len(xt)}), got shape {yt.shape}")
@@ -400,7 +422,7 @@ class GradientOSR:
     def load(cls, directory: str | os.PathLike, model: nn.Module | None = None,
              device: str | torch.device = "cpu") -> "GradientOSR":
         """Load what :meth:`save` wrote. ``model``: an instance of a custom architecture."""
-        directory = Path(directory)
+        directory = check_folder(directory, "a run folder (osr.json, classifier/, detector/)")
         meta = read_json(directory / "osr.json")
         if meta.get("format") != OSR_FORMAT:
             raise CheckpointError(f"{directory}/osr.json is not a gradosr method file")

@@ -61,13 +61,22 @@ class Preprocessing:
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 N×H×W×C (or N×H×W) images -> float32 N×C×H×W model input."""
-        x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+        if not isinstance(images, torch.Tensor):
+            try:
+                images = np.asarray(images)
+            except (ValueError, TypeError) as exc:
+                raise DataError(f"images could not be converted to an array: {exc}") from None
+            if images.dtype != np.uint8:
+                raise DataError(f"images must be uint8 (0..255), got {images.dtype}")
+        x = torch.as_tensor(images)
         if x.ndim == 3:
             x = x.unsqueeze(-1)
         if x.ndim != 4:
             raise DataError(f"images must be N×H×W×C or N×H×W, got shape {tuple(x.shape)}")
         if x.dtype != torch.uint8:
             raise DataError(f"images must be uint8 (0..255), got {x.dtype}")
+        if x.shape[1] < 1 or x.shape[2] < 1:
+            raise DataError(f"images must be at least 1×1 pixels, got shape {tuple(x.shape)}")
         c = x.shape[-1]
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         if c == 4:

@@ -283,11 +283,22 @@ def _as_inputs(part, preprocessing: Preprocessing | None) -> tuple[torch.Tensor,
     return torch.as_tensor(x), torch.as_tensor(np.asarray(y), dtype=torch.int64)
 
 
+def _state_stem(epoch: int) -> str:
+    """The optimizer state of an epoch lives in one of two slots, by the epoch's parity."""
+    return f"train_state.{int(epoch) % 2}"
+
+
 def _save_state(out_dir: Path, clf: Classifier, opt: torch.optim.Optimizer) -> None:
     tensors, rest = _optimizer_tensors(opt)
-    # The optimizer state first: model.json (written last) marks the epoch as complete.
-    save_tensors(out_dir, "train_state", tensors, {"optimizer": rest, "epoch": clf.meta["epoch"]}, TRAIN_STATE_FORMAT)
+    epoch = clf.meta["epoch"]
+    # The optimizer state first, in its epoch's slot; model.json (written last) commits the
+    # epoch. Until then the other slot keeps the previous epoch's state, so a crash at any
+    # point leaves weights and optimizer state of the same epoch on disk.
+    save_tensors(out_dir, _state_stem(epoch), tensors, {"optimizer": rest, "epoch": epoch}, TRAIN_STATE_FORMAT)
     clf.save(out_dir)
+    for stem in (_state_stem(epoch + 1), "train_state"):  # the previous slot; the single file of older versions
+        for suffix in (".json", ".safetensors", ".safetensors.pending"):
+            (out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
 
 
 def _load_resume_state(out_dir: Path, model: nn.Module, opt, identity: dict, device) -> tuple[int, list]:
@@ -297,7 +308,13 @@ def _load_resume_state(out_dir: Path, model: nn.Module, opt, identity: dict, dev
     reason = identity_mismatch(clf.meta, identity)
     if reason:
         raise CheckpointError(f"cannot resume {out_dir}: {reason}")
-    tensors, meta = load_tensors(out_dir, "train_state", TRAIN_STATE_FORMAT)
+    epoch = clf.meta.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise CheckpointError(f"cannot resume {out_dir}: model.json records no valid epoch ({epoch!r})")
+    stem = _state_stem(epoch)
+    if not (out_dir / f"{stem}.json").is_file() and (out_dir / "train_state.json").is_file():
+        stem = "train_state"  # written by an older gradosr
+    tensors, meta = load_tensors(out_dir, stem, TRAIN_STATE_FORMAT)
     if meta.get("epoch") != clf.meta.get("epoch"):
         raise CheckpointError(f"cannot resume {out_dir}: optimizer state of epoch {meta.get('epoch')} "
                               f"but weights of epoch {clf.meta.get('epoch')}")

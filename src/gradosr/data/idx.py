@@ -7,6 +7,7 @@ layout (``<root>/MNIST/raw/…``, ``<root>/FashionMNIST/raw/…``).
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -23,6 +24,9 @@ _IDX_DTYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
+
+#: more dimensions than numpy arrays allow are refused (images and labels have 1 to 4)
+MAX_DIMS = 32
 
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -59,20 +63,23 @@ def read_idx(path: str | Path) -> np.ndarray:
     code, ndim = data[2], data[3]
     if code not in _IDX_DTYPES:
         raise DataError(f"{path} has an unknown IDX type code 0x{code:02x}")
-    if ndim == 0:
-        raise DataError(f"{path} declares 0 dimensions")
+    if ndim == 0 or ndim > MAX_DIMS:
+        raise DataError(f"{path} declares {ndim} dimensions (an IDX file of images or labels has 1 to {MAX_DIMS})")
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DataError(f"{path} is truncated (header of {header} bytes, file of {len(data)})")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if len(data) - header != expected:
         raise DataError(
             f"{path} holds {len(data) - header} data bytes but its header {shape} "
             f"declares {expected}: the file is truncated or corrupt"
         )
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    except ValueError as exc:  # e.g. sizes (0, 2**31, 2**31): no data, but too large a shape for numpy
+        raise DataError(f"{path} declares sizes {shape} that numpy cannot hold: {exc}") from None
 
 
 def find_idx_file(folders: list[Path], stem: str) -> Path | None:

@@ -6,10 +6,18 @@ with the label 10 standing for the digit 0 (returned as 0). The ``extra`` set is
 used.
 
 Looked for in ``<root>/svhn/`` and in ``<root>/`` (torchvision's SVHN root).
+
+``scipy.io.loadmat`` crashes the interpreter (segmentation fault) on some corrupt
+files (scipy 1.17: a data element of type 0, a sparse class flag, ...), so it runs in a
+child process that hands the two arrays back as ``.npy`` files (read with
+``allow_pickle=False``): a corrupt file gives a DataError, never a crash.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +41,50 @@ def find_svhn_file(root: Path, split: str) -> Path | None:
     return None
 
 
+# Run by ``python -c`` with argv = [path, out folder]; exit 3 with a one-line reason on stderr.
+_LOADMAT_CHILD = r"""
+import sys
+sys.path = [p for p in sys.path if p not in ("", ".")]  # never import from the working directory
+import numpy as np
+from scipy.io import loadmat
+path, out = sys.argv[1], sys.argv[2]
+try:
+    mat = loadmat(path, variable_names=["X", "y"])
+except Exception as exc:  # scipy raises ValueError, TypeError, OSError, ... on corrupt files
+    sys.stderr.write(f"{type(exc).__name__}: {exc}".replace("\n", " "))
+    sys.exit(3)
+for key in ("X", "y"):
+    if key in mat:
+        value = np.asarray(mat[key])
+        if value.dtype.kind not in "biuf":
+            sys.stderr.write(f"{key} holds MATLAB data of type {value.dtype}, not numbers")
+            sys.exit(3)
+        np.save(f"{out}/{key}.npy", value, allow_pickle=False)
+"""
+
+
+def _loadmat_isolated(path: Path) -> dict[str, np.ndarray]:
+    """The variables X and y (those present) of a MATLAB file, read by scipy.io.loadmat
+    in a child process; DataError when the file is unreadable or crashes the reader."""
+    with tempfile.TemporaryDirectory(prefix="gradosr-mat-") as tmp:
+        try:
+            proc = subprocess.run([sys.executable, "-c", _LOADMAT_CHILD, str(path), tmp],
+                                  capture_output=True, text=True, errors="replace")
+        except OSError as exc:
+            raise DataError(f"cannot start a process to read {path}: {exc}") from None
+        if proc.returncode != 0:
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            why = (f"the reader crashed with signal {-proc.returncode}" if proc.returncode < 0
+                   else lines[-1].strip() if lines else f"exit status {proc.returncode}")
+            raise DataError(f"{path} is not a readable MATLAB .mat file ({why})")
+        out = {}
+        for key in ("X", "y"):
+            npy = Path(tmp) / f"{key}.npy"
+            if npy.is_file():
+                out[key] = np.load(npy, allow_pickle=False)
+        return out
+
+
 def read_svhn_mat(path: Path) -> ImageSet:
     """One SVHN .mat file as uint8 N×32×32×3 images and int64 labels 0-9.
 
@@ -40,12 +92,7 @@ def read_svhn_mat(path: Path) -> ImageSet:
         DataError: naming ``path``, if it is not a readable MATLAB file, lacks ``X`` or
             ``y``, or holds arrays of the wrong shape, type or values.
     """
-    from scipy.io import loadmat
-
-    try:
-        mat = loadmat(str(path), variable_names=["X", "y"])
-    except Exception as exc:  # scipy raises ValueError, TypeError, OSError, … on corrupt files
-        raise DataError(f"{path} is not a readable MATLAB .mat file ({type(exc).__name__}: {exc})") from None
+    mat = _loadmat_isolated(Path(path))
     missing = [k for k in ("X", "y") if k not in mat]
     if missing:
         raise DataError(f"{path} lacks the variable(s) {missing}; is it an SVHN *_32x32.mat file?")

@@ -41,7 +41,7 @@ ParamSelection = None | Sequence[str] | Callable[[str, nn.Parameter], bool]
 
 #: default samples per chunk: closed form; hook-based fast path; general path (at most,
 #: see _func_chunk)
-HEAD_CHUNK, FAST_CHUNK, FUNC_CHUNK = 512, 256, 32
+HEAD_CHUNK, FAST_CHUNK, FUNC_CHUNK = 512, 64, 32
 #: the general path holds chunk x (selected parameter elements) gradient entries at once
 FUNC_BUDGET = 2**26
 METHODS = ("auto", "fast", "func", "head")
@@ -233,7 +233,7 @@ def squared_norms(
         output: ``"softmax"`` or ``"sigmoid"`` for the confounding target.
         params: parameter selection, see :func:`select_parameters` (default: all).
         chunk_size: samples processed at once (memory bound); does not change the
-            result. Default: 512 for the closed form; 256 for ``"fast"``; for
+            result. Default: 512 for the closed form; 64 for ``"fast"``; for
             ``"func"``, 32, or fewer when 32 x (selected parameter elements) exceeds
             ``FUNC_BUDGET`` = 2**26 (e.g. 5 for a whole ResNet-18).
         method: ``"auto"`` (closed form when only the head's weight/bias are selected

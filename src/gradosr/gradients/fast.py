@@ -37,19 +37,26 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_weight
 from torch.nn.modules.batchnorm import _BatchNorm
 
 #: elements of the largest temporary a rule builds at once (unfolded input, per-sample
 #: gradients or Gram matrices); rules split the chunk into sub-batches below it.
 FAST_BUDGET = 2**24
+#: samples per grouped-convolution call of the conv rule (small: fastest on CPU)
+CONV_SUB = 8
 
 Rule = Callable[[nn.Module, Tensor, Tensor, tuple[str, ...]], dict[str, Tensor]]
 
 
 def _sqsum(t: Tensor) -> Tensor:
     """Per-sample sum of squares of ``t`` (shape ``(n, ...)``) -> ``(n,)``."""
-    flat = t.reshape(t.shape[0], -1)
-    return torch.einsum("bi,bi->b", flat, flat)
+    return t.reshape(t.shape[0], -1).square().sum(dim=1)
+
+
+def _sqsum_product(s: Tensor, t: Tensor) -> Tensor:
+    """Per-sample ``sum(s * t)`` of two ``(n, ...)`` tensors -> ``(n,)``."""
+    return (s * t).reshape(s.shape[0], -1).sum(dim=1)
 
 
 def _sub_batches(n: int, per_sample: int) -> list[slice]:
@@ -87,8 +94,7 @@ def linear_rule(m: nn.Module, a: Tensor, g: Tensor, want: tuple[str, ...]) -> di
             for s in _sub_batches(b, 2 * t * t if gram else o * d):
                 aa, gg = a3[s], g3[s]
                 if gram:
-                    parts.append(torch.einsum("bts,bts->b", aa @ aa.transpose(1, 2),
-                                              gg @ gg.transpose(1, 2)))
+                    parts.append(_sqsum_product(aa @ aa.transpose(1, 2), gg @ gg.transpose(1, 2)))
                 else:
                     parts.append(_sqsum(gg.transpose(1, 2) @ aa))
             out["weight"] = torch.cat(parts)
@@ -116,40 +122,71 @@ def _conv_geometry(m: nn.Module, a: Tensor) -> tuple[Tensor, tuple[int, int], tu
     return a, kernel, dilation, padding, stride  # type: ignore[return-value]
 
 
+#: below this many weight columns per group (C_in / groups x kernel size), the conv rule
+#: unfolds the input and multiplies (the grouped convolution is slow for thin inputs)
+CONV_UNFOLD_MAX_K = 64
+
+
+def _conv_branch(n_pos: int, kg: int, og: int) -> str:
+    """How :func:`conv_rule` computes the weight's squared norm: ``"gram"`` when the Gram
+    identity (``L^2 (K_g + O_g)`` multiply-adds per group) is cheaper than the per-sample
+    gradient (``K_g O_g L``), else ``"unfold"`` for thin inputs, else ``"grouped"``."""
+    if n_pos * (kg + og) < kg * og:
+        return "gram"
+    return "unfold" if kg <= CONV_UNFOLD_MAX_K else "grouped"
+
+
 def conv_rule(m: nn.Module, a: Tensor, g: Tensor, want: tuple[str, ...]) -> dict[str, Tensor]:
     """``nn.Conv1d`` / ``nn.Conv2d`` with any stride, padding, dilation and groups.
 
-    With the input unfolded to ``U`` of shape ``(B, C_in k, L)`` (``F.unfold``, k the
-    kernel size, L the output positions) and the output gradient ``G`` of shape
-    ``(B, C_out, L)``, the per-sample weight gradient of group j is ``G_j U_j^T``
-    (Opacus ``grad_sample/conv.py``; BackPACK's conv ``BatchGrad``). Its squared norm is
-    computed explicitly, or by the Gram identity ``sum_j <U_j^T U_j, G_j^T G_j>`` (two
-    ``L x L`` matrices) when ``L^2 (K_g + O_g) < K_g O_g L`` (small late feature maps).
-    Bias: ``||sum_L G||^2``. Samples are processed in sub-batches of at most FAST_BUDGET
-    unfolded elements.
+    The per-sample weight gradient of group j is ``G_j U_j^T`` with ``U`` the unfolded
+    input ``(B, C_in k, L)`` (``F.unfold``, k the kernel size, L the output positions)
+    and ``G`` the output gradient ``(B, C_out, L)`` (Opacus ``grad_sample/conv.py``;
+    BackPACK's conv ``BatchGrad``). Three ways to its squared norm (:func:`_conv_branch`):
+
+    - ``"gram"``, small feature maps (``L^2 (K_g + O_g) < K_g O_g L``): the Gram
+      identity ``sum_j <U_j^T U_j, G_j^T G_j>`` on two ``L x L`` matrices per sample;
+    - ``"unfold"``, thin inputs (``K_g <= CONV_UNFOLD_MAX_K``): ``G_j U_j^T`` by a
+      batched matrix product;
+    - ``"grouped"``, otherwise: the per-sample gradients of CONV_SUB samples at once as
+      the weight gradient of ONE grouped convolution whose groups are (sample, group)
+      pairs (``torch.nn.grad.conv2d_weight``; the "batch as groups" trick of Rochette,
+      Manoel and Tramel 2019), which needs no unfolded copy.
+
+    Bias: ``||sum_L G||^2``.
     """
     b, c_out = g.shape[0], g.shape[1]
     g3 = g.reshape(b, c_out, -1)
     out: dict[str, Tensor] = {}
     if "weight" in want:
         a4, kernel, dilation, padding, stride = _conv_geometry(m, a)
-        groups = m.groups
-        k = a4.shape[1] * kernel[0] * kernel[1]
+        groups, c_in = m.groups, a4.shape[1]
         n_pos = g3.shape[2]
-        kg, og = k // groups, c_out // groups
-        gram = n_pos * (kg + og) < kg * og
-        per_sample = k * n_pos + (2 * groups * n_pos * n_pos if gram else c_out * kg)
+        kg, og = c_in // groups * kernel[0] * kernel[1], c_out // groups
         parts = []
-        for s in _sub_batches(b, per_sample):
-            u = F.unfold(a4[s], kernel, dilation=dilation, padding=padding, stride=stride)
-            n = u.shape[0]
-            u = u.view(n, groups, kg, n_pos)
-            gg = g3[s].view(n, groups, og, n_pos)
-            if gram:
-                parts.append(torch.einsum("bjlm,bjlm->b", u.transpose(2, 3) @ u,
-                                          gg.transpose(2, 3) @ gg))
-            else:
-                parts.append(_sqsum(gg @ u.transpose(2, 3)))
+        branch = _conv_branch(n_pos, kg, og)
+        if branch in ("gram", "unfold"):
+            extra = 2 * groups * n_pos * n_pos if branch == "gram" else c_out * kg
+            for s in _sub_batches(b, c_in * kernel[0] * kernel[1] * n_pos + extra):
+                u = F.unfold(a4[s], kernel, dilation=dilation, padding=padding, stride=stride)
+                n = u.shape[0]
+                u = u.view(n, groups, kg, n_pos)
+                gg = g3[s].view(n, groups, og, n_pos)
+                if branch == "gram":
+                    parts.append(_sqsum_product(u.transpose(2, 3) @ u, gg.transpose(2, 3) @ gg))
+                else:
+                    parts.append(_sqsum(gg @ u.transpose(2, 3)))
+        else:
+            g4 = g if g.dim() == 4 else g.unsqueeze(2)  # Conv1d: (B, O, 1, L)
+            step = max(1, min(CONV_SUB, FAST_BUDGET // max(c_out * kg, 1)))
+            for i in range(0, b, step):
+                aa, gg = a4[i : i + step], g4[i : i + step]
+                n = aa.shape[0]
+                w = conv2d_weight(aa.reshape(1, n * c_in, *aa.shape[2:]),
+                                  (n * c_out, c_in // groups, *kernel),
+                                  gg.reshape(1, n * c_out, *gg.shape[2:]),
+                                  stride, padding, dilation, n * groups)
+                parts.append(_sqsum(w.reshape(n, -1)))
         out["weight"] = torch.cat(parts)
     if "bias" in want:
         out["bias"] = _sqsum(g3.sum(dim=2))
@@ -183,10 +220,12 @@ def _affine_norm_rule(xhat: Tensor, g: Tensor, want: tuple[str, ...], channels: 
 
 def batchnorm_rule(m: nn.Module, a: Tensor, g: Tensor, want: tuple[str, ...]
                    ) -> dict[str, Tensor]:
-    """BatchNorm in eval mode, an affine per-channel map of
-    ``xhat = (a - running_mean) / sqrt(running_var + eps)`` (Opacus
-    ``grad_sample/batch_norm.py`` uses the same ``g * xhat`` sum; BackPACK BatchNorm in
-    eval mode). Weight: ``||sum_spatial g xhat||^2``; bias: ``||sum_spatial g||^2``.
+    """BatchNorm in eval mode: a per-channel affine map of the fixed normalisation
+    ``xhat = (a - running_mean) / sqrt(running_var + eps)``, hence the same rule as
+    Opacus's GroupNorm/LayerNorm samplers (``grad_sample/group_norm.py``) with the
+    running statistics (Opacus itself has no BatchNorm rule: in training mode BatchNorm
+    mixes the samples). Weight: ``||sum_spatial g xhat||^2``; bias:
+    ``||sum_spatial g||^2``.
     """
     xhat = F.batch_norm(a, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
     return _affine_norm_rule(xhat, g, want, a.shape[1])
@@ -285,11 +324,7 @@ def plan(model: nn.Module, names: list[str]) -> Plan:
     same ``nn.Parameter`` is registered nowhere else (tied weights go to the fallback).
     """
     holders: Counter[int] = Counter()
-    seen: set[int] = set()
-    for mod in model.modules():  # each module object once, all its registrations
-        if id(mod) in seen:
-            continue
-        seen.add(id(mod))
+    for mod in model.modules():  # each module object once
         for p in mod._parameters.values():
             if p is not None:
                 holders[id(p)] += 1
