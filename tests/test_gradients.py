@@ -14,18 +14,7 @@ from gradosr.gradients import engine, per_sample_loss, select_parameters, square
 from gradosr.gradients.targets import confounding_loss, predicted_loss, uniform_loss
 from gradosr.models import build_model
 
-TARGETS = {
-    "confounding": dict(),
-    "confounding_n2": dict(n_ones=2),
-    "sigmoid": dict(output="sigmoid"),
-    "predicted": dict(target="predicted"),
-    "uniform": dict(target="uniform"),
-}
-RTOL, ATOL = 1e-10, 1e-30
-
-
-def close(actual, expected, rtol=RTOL, atol=ATOL):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+from gradient_reference import TARGETS, close, naive
 
 
 class Tiny(nn.Module):
@@ -43,28 +32,6 @@ class Tiny(nn.Module):
     def forward(self, x):
         h = self.drop(F.relu(self.bn(self.conv(x))).flatten(1))
         return self.head(torch.tanh(self.fc(h)))
-
-
-def naive(model, x, names, **kw):
-    """Per-sample loop: forward x[i:i+1], autograd.grad over the selected params."""
-    was_training = model.training
-    model.eval()
-    named = dict(model.named_parameters())
-    params = [named[n] for n in names]
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        rows = []
-        for i in range(x.shape[0]):
-            loss = per_sample_loss(model(x[i : i + 1]), **kw).sum()
-            grads = torch.autograd.grad(loss, params)
-            rows.append(torch.stack([g.pow(2).sum() for g in grads]))
-        return torch.stack(rows)
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-        model.train(was_training)
 
 
 def prime(model, x_shape, seed=0):

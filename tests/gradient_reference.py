@@ -1,0 +1,46 @@
+"""Reference computations shared by the gradient-engine tests: the targets to check and
+a naive per-sample autograd loop (the independent expectation)."""
+
+from __future__ import annotations
+
+import torch
+
+from gradosr.gradients import per_sample_loss
+
+TARGETS = {
+    "confounding": dict(),
+    "confounding_n2": dict(n_ones=2),
+    "sigmoid": dict(output="sigmoid"),
+    "predicted": dict(target="predicted"),
+    "uniform": dict(target="uniform"),
+}
+RTOL, ATOL = 1e-10, 1e-30
+
+
+def close(actual, expected, rtol=RTOL, atol=ATOL):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def naive(model, x, names, **kw):
+    """Per-sample loop: forward x[i:i+1] in eval mode, autograd.grad over the selected
+    parameters (a parameter the forward does not use has a zero gradient)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    named = dict(model.named_parameters())
+    params = [named[n] for n in names]
+    req = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        rows = []
+        for i in range(x.shape[0]):
+            loss = per_sample_loss(model(x[i : i + 1]), **kw).sum()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            rows.append(torch.stack([
+                g.pow(2).sum() if g is not None else loss.new_zeros(()) for g in grads]))
+        return torch.stack(rows).detach()
+    finally:
+        for p, r in zip(params, req):
+            p.requires_grad_(r)
+        for m, f in flags:
+            m.training = f
