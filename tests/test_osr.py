@@ -18,21 +18,15 @@ from gradosr.metrics import auroc, threshold_at_tpr
 from gradosr.osr import GradientOSR, proxy_split
 from gradosr.representation import RepresentationConfig, extract, transform
 from gradosr.train import TrainConfig
+from tiny_runs import FlatNet
 
 K = 6
 N_PER_CLASS = 30
 
 
-class TinyNet(nn.Module):
+def TinyNet(k: int = K) -> FlatNet:
     """Flatten -> Linear(64, 16) -> ReLU -> Linear(16, k) on 1×8×8 inputs."""
-
-    def __init__(self, k: int = K):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
-        self.head = nn.Linear(16, k)
-
-    def forward(self, x):
-        return self.head(self.body(x))
+    return FlatNet(k)
 
 
 def make_data(n_per_class: int, seed: int, num_classes: int = K):

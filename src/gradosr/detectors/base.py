@@ -87,3 +87,19 @@ def check_temperature(temperature: float) -> float:
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature!r}")
     return float(temperature)
+
+
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """A positive integer chunk size (or None = automatic); ConfigError otherwise."""
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    return None if chunk_size is None else int(chunk_size)
+
+
+def class_counts(y: np.ndarray, k: int, method: str) -> np.ndarray:
+    """Training samples per class (K); DataError naming ``method`` if a class has none."""
+    counts = np.bincount(y, minlength=k)
+    if (counts == 0).any():
+        missing = np.flatnonzero(counts == 0).tolist()
+        raise DataError(f"{method} needs training samples of every class; none for {missing}")
+    return counts

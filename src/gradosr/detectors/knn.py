@@ -28,7 +28,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer, check_labels
+from gradosr.detectors.base import (
+    ClassifierOutputs,
+    OutputScorer,
+    check_chunk_size,
+    check_labels,
+    class_counts,
+)
 from gradosr.errors import ConfigError, DataError
 
 _NORM_EPS = 1e-12
@@ -54,10 +60,8 @@ class KNN(OutputScorer):
         ``chunk_size``: queries per block (None: automatic); it does not change results."""
         if isinstance(k, bool) or int(k) != k or k < 1:
             raise ConfigError(f"k must be a positive integer, got {k!r}")
-        if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-            raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.k_max = int(k)
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         self.params = {"k_max": self.k_max, "k": None, "normalize": "l2", "distance": "euclidean"}
         self.train_: torch.Tensor | None = None
 
@@ -65,10 +69,7 @@ class KNN(OutputScorer):
         """Stores the normalised training features; k = min(k_max, smallest class size)."""
         z = _unit_features(outputs, "fit")
         y, n_classes = check_labels(labels, len(z), outputs)
-        counts = np.bincount(y, minlength=n_classes)
-        if (counts == 0).any():
-            missing = np.flatnonzero(counts == 0).tolist()
-            raise DataError(f"kNN needs training samples of every class; none for {missing}")
+        counts = class_counts(y, n_classes, "kNN")
         self.k_ = int(min(self.k_max, counts.min()))
         self.train_ = z.contiguous()
         self.train_sq_ = (z * z).sum(dim=1)

@@ -28,8 +28,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer, check_labels
-from gradosr.errors import ConfigError, DataError
+from gradosr.detectors.base import (
+    ClassifierOutputs,
+    OutputScorer,
+    check_chunk_size,
+    check_labels,
+    class_counts,
+)
+from gradosr.errors import DataError
 
 
 def _features64(outputs: ClassifierOutputs, what: str) -> np.ndarray:
@@ -49,9 +55,7 @@ class Mahalanobis(OutputScorer):
 
     def __init__(self, chunk_size: int | None = None) -> None:
         """``chunk_size``: queries per block (None: automatic); it does not change results."""
-        if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-            raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         self.params = {
             "layer": "penultimate",
             "covariance": "tied (class-centred, 1/N)",
@@ -65,10 +69,7 @@ class Mahalanobis(OutputScorer):
         """Class means and the tied covariance's pseudo-inverse square root."""
         f = _features64(outputs, "fit")
         y, k = check_labels(labels, len(f), outputs)
-        counts = np.bincount(y, minlength=k)
-        if (counts == 0).any():
-            missing = np.flatnonzero(counts == 0).tolist()
-            raise DataError(f"Mahalanobis needs training samples of every class; none for {missing}")
+        counts = class_counts(y, k, "Mahalanobis")
         d = f.shape[1]
         means = np.zeros((k, d))
         np.add.at(means, y, f)

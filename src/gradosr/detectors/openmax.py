@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from scipy.optimize import brentq
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer, check_labels
+from gradosr.detectors.base import ClassifierOutputs, OutputScorer, check_chunk_size, check_labels
 from gradosr.errors import ConfigError, DataError
 
 TAIL_SIZE = 20
@@ -123,10 +123,8 @@ class OpenMax(OutputScorer):
         (None: automatic); it does not change results."""
         if isinstance(tail_size, bool) or int(tail_size) != tail_size or tail_size < 2:
             raise ConfigError(f"tail_size must be an integer >= 2, got {tail_size!r}")
-        if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-            raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.tail_size = int(tail_size)
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         self.params = {
             "activations": "logits",
             "alpha": "K",
