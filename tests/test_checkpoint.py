@@ -289,3 +289,15 @@ def test_read_json_not_object_and_missing(tmp_path):
         read_json(tmp_path / "absent.json")
     path.write_text('{"a": [1, {"b": null}]}')
     assert read_json(path) == {"a": [1, {"b": None}]}
+
+
+def test_a_save_removes_the_temporary_files_of_killed_writes_of_that_object(tmp_path):
+    """A write killed between its temp file and its rename leaves ``.<name>.<rand>.tmp``;
+    the next save of the same object deletes them, and leaves other objects' alone."""
+    killed = [tmp_path / ".m.safetensors.pending.ab12.tmp", tmp_path / ".m.json.cd34.tmp"]
+    other = tmp_path / ".mm.json.ef56.tmp"
+    for path in [*killed, other]:
+        path.write_bytes(b"half")
+    save_tensors(tmp_path, "m", {"w": torch.ones(2)}, {"v": 1}, "fmt")
+    assert not any(p.exists() for p in killed) and other.exists()
+    assert torch.equal(load_tensors(tmp_path, "m", "fmt")[0]["w"], torch.ones(2))

@@ -121,7 +121,7 @@ def test_fit_evaluate_predict_end_to_end(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     fit_args = ["fit", "--protocol", "custom", "--dataset", "mnist-sample", "--known", "0,1,2", "--unknown", "3,4",
-                "--epochs", "1", "--out", run, "--no-progress", "--device", "cpu"]
+                "--epochs", "1", "--out", run, "--no-progress", "--device", "cpu", "--preset", "paper"]
     code, out, err = run_cli(capsys, *fit_args)
     assert code == 0, err
     for rel in ("classifier/model.safetensors", "classifier/model.json", "proxy/model.safetensors",

@@ -521,7 +521,12 @@ def test_confounding_n_ones(run, tmp_path, capsys, osr):
     assert not (tmp_path / "r").exists()
     # a protocol split (6 known digits, 4 proxy knowns): refused before the classifier is trained
     cli_fails(capsys, r"got 5 \(the proxy classifier has 4 of the 6 known classes\)", [tmp_path], "fit",
-              "--protocol", "mnist-sample", "--n-ones", "5", "--out", tmp_path / "r", "--no-progress")
+              "--protocol", "mnist-sample", "--n-ones", "5", "--out", tmp_path / "r", "--no-progress",
+              "--preset", "paper")
+    assert not (tmp_path / "r").exists()
+    # plus has no proxy: the bound is the final classifier's K = 6 outputs
+    cli_fails(capsys, r"n_ones must be in \{0, 2, ..., 6\}, got 7", [tmp_path], "fit",
+              "--protocol", "mnist-sample", "--n-ones", "7", "--out", tmp_path / "r", "--no-progress")
     assert not (tmp_path / "r").exists()
 
 

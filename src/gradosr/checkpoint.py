@@ -15,10 +15,16 @@ then the pending file is renamed over ``<stem>.safetensors``. A crash before the
 lands leaves the previous object readable; a crash after it leaves the new one
 readable (:func:`load_tensors` takes the pending file when it is the one the JSON
 names, and the next save completes or drops it).
+
+In a distributed run (torchrun, :mod:`gradosr.distributed`) only rank 0 writes: the
+writers here do nothing on the other processes, so every process may call the same
+code. A process that must read what rank 0 wrote in the same run waits at
+:func:`gradosr.distributed.barrier` first.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -31,13 +37,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from gradosr.distributed import is_main
 from gradosr.errors import CheckpointError
 
 FORMAT_VERSION = 1
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename); a no-op on the
+    processes other than rank 0 of a distributed run."""
+    if not is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -96,8 +106,11 @@ def save_tensors(directory: str | os.PathLike, stem: str, tensors: dict[str, tor
     The weights are written first (to ``<stem>.safetensors.pending``), then the JSON
     holding their sha256, which commits the object, then the pending file is renamed
     into place: a crash at any point leaves either the previous or the new object
-    readable, never a mix (see the module docstring).
+    readable, never a mix (see the module docstring). A no-op on the processes other than
+    rank 0 of a distributed run.
     """
+    if not is_main():
+        return
     directory = Path(directory)
     data = st_save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()})
     wpath, pending = directory / f"{stem}.safetensors", directory / f"{stem}.safetensors{PENDING}"
@@ -115,7 +128,9 @@ PENDING = ".pending"
 
 def _settle(directory: Path, stem: str) -> None:
     """Complete (when the JSON names it) or drop a pending weights file that a crashed
-    :func:`save_tensors` left behind, before it is overwritten."""
+    :func:`save_tensors` left behind, before it is overwritten; and delete the temporary
+    files of the object's writes that were killed before their rename."""
+    remove_stale_temporaries(directory, stem)
     pending = directory / f"{stem}.safetensors{PENDING}"
     if not pending.is_file():
         return
@@ -128,6 +143,15 @@ def _settle(directory: Path, stem: str) -> None:
         _fsync_dir(directory)
     else:
         pending.unlink()
+
+
+def remove_stale_temporaries(directory: Path, stem: str) -> None:
+    """Delete ``.<stem>.*.tmp`` in ``directory``: temporary files of :func:`atomic_write_bytes`
+    calls for the object ``stem`` that were killed before their rename (one writer per
+    folder: a live write of the same object never runs beside this)."""
+    if directory.is_dir():
+        for stale in directory.glob(f".{glob.escape(stem)}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 def load_tensors(directory: str | os.PathLike, stem: str, fmt: str) -> tuple[dict[str, torch.Tensor], dict]:

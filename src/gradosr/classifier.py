@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from gradosr.checkpoint import load_tensors, save_tensors
+from gradosr.distributed import map_rows
 from gradosr.errors import CheckpointError, DataError
 from gradosr.models import build_model, eval_mode, find_head
 from gradosr.preprocess import Preprocessing
@@ -28,7 +29,17 @@ def batched_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
     ``x`` is a preprocessed float tensor N×C×H×W (any device); batches are moved to the
     model's device, and results are returned on the CPU. The model's training flags are
     restored afterwards.
+
+    In a distributed run every process computes its contiguous shard of the rows (cut at
+    multiples of ``batch_size``) and the shards are all-gathered
+    (:func:`gradosr.distributed.map_rows`): every process returns the outputs of all rows.
     """
+    return map_rows(lambda xs: _batched_outputs_local(model, xs, batch_size, features), x, align=batch_size)
+
+
+@torch.no_grad()
+def _batched_outputs_local(model: nn.Module, x: torch.Tensor, batch_size: int,
+                           features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     head = find_head(model) if features else None

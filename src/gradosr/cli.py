@@ -3,11 +3,17 @@
 Every expected failure is a :class:`gradosr.errors.GradOSRError`: it prints one line
 ``gradosr: error: …`` on stderr and exits with status 2 (``--debug`` shows the traceback).
 An ``OSError`` (a file or folder the system will not read or write) is reported the same way.
+
+Under ``torchrun`` (``torchrun --nproc_per_node=N -m gradosr COMMAND …``) every process runs
+the command (:mod:`gradosr.distributed`): training is DistributedDataParallel, extraction
+and scoring are sharded; only rank 0 writes files and prints to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shlex
 import sys
@@ -55,7 +61,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method options (default: the preset's)")
-    g.add_argument("--preset", default="paper", help="paper (default)")
+    g.add_argument("--preset", default="plus",
+                   help="plus (default: kNN in gradient space + kNN on features + max logit, docs/ablation.md) "
+                        "or paper (Lee & AlRegib's proxy-split MLP as stated)")
     g.add_argument("--target", choices=("confounding", "predicted", "uniform"), default=None)
     g.add_argument("--n-ones", type=int, default=None, help="ones in the confounding label (default N; 0 or 2..N)")
     g.add_argument("--output", choices=("softmax", "sigmoid"), default=None, help="activation of the confounding loss")
@@ -68,6 +76,13 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, default=None, help="fixed P(known) threshold (paper: 0.95)")
     g.add_argument("--target-tpr", type=float, default=None, help="fraction of held-out knowns accepted (rule tpr)")
     g.add_argument("--hidden", type=int, default=None, help="detector hidden width (default 128)")
+    g.add_argument("--signals", default=None,
+                   help="plus: comma-separated signals summed by the fused detector, among gradient, features, "
+                        "max_logit, gradnorm (default gradient,features,max_logit)")
+    g.add_argument("--gradient-rep", choices=("head", "norms"), default=None,
+                   help="plus: gradient representation of the kNN-in-gradient-space signal: the full head-weight "
+                        "gradient (default) or the log per-parameter squared norms")
+    g.add_argument("--k", type=int, default=None, help="plus: the largest k of the kNN signals (default 50)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("datasets", help="list the datasets found on this machine and how to get the others")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps: the device to report")
     p.add_argument("--debug", action="store_true")
 
     p = sub.add_parser("train", help="train the closed-set classifier of a protocol split")
@@ -97,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (classifier/, proxy/, detector/, osr.json)")
 
     p = sub.add_parser("predict", help="label image files with a fitted run: path, label or unknown, score")
-    p.add_argument("--run", required=True, help="run folder from gradosr fit")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run folder from gradosr fit (--run-dir under torchrun, whose parser takes --run for --run-path)")
     p.add_argument("files", nargs="+", help="image files (PNG, JPEG, ... read with Pillow)")
     p.add_argument("--batch-size", type=int, default=64)
     _add_common_args(p)
@@ -111,9 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(p)
     _add_common_args(p)
 
+    p = sub.add_parser("ablate", help="vary one choice at a time from the paper and plus presets, over splits")
+    _add_protocol_args(p)
+    p.add_argument("--splits", default="0-4", help="splits (cross: seeds), e.g. 0-4 or 0,2 (default 0-4)")
+    p.add_argument("--variants", default="all",
+                   help="comma-separated variant names, family prefixes such as plus*, or all (default); "
+                        "see docs/ablation.md")
+    p.add_argument("--out", required=True, help="folder (runs/, results.json, results.md)")
+    _add_train_args(p)
+    _add_common_args(p)
+
     p = sub.add_parser("evaluate", help="evaluate the methods of a run on its protocol's test set")
-    p.add_argument("--run", required=True, help="run folder (from gradosr train or fit)")
-    p.add_argument("--methods", default=None, help="comma-separated method ids (default: paper,msp where available)")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run folder (from gradosr train or fit); --run-dir under torchrun, whose parser takes --run "
+                        "for its --run-path")
+    p.add_argument("--methods", default=None, help="comma-separated method ids, or all (default: the run's fitted presets and msp)")
     p.add_argument("--json", default=None, help="write the results JSON here (default <run>/eval.json)")
     p.add_argument("--data-dir", default=None)
     _add_common_args(p)
@@ -162,18 +191,23 @@ def cmd_datasets(args) -> int:
         else:
             status = f"missing   {info.how_to_get}"
         print(f"  {name:<14} {status}")
+    from gradosr.distributed import init_distributed, world_size
+
+    device = init_distributed(args.device)
+    procs = f", {world_size()} processes (torchrun)" if world_size() > 1 else ""
+    print(f"device: {device} (--device {args.device}){procs}")
     return 0
 
 
 def cmd_train(args) -> int:
     from gradosr.data.protocols import load_protocol
-    from gradosr.device import resolve_device
+    from gradosr.distributed import init_distributed
     from gradosr.runs import ensure_classifier
 
     spec = _spec_from_args(args)
     config = _train_config_from_args(args, spec.dataset)
     out = _out_folder(args.out) / "classifier"
-    device = resolve_device(args.device)
+    device = init_distributed(args.device)
     data = load_protocol(spec, args.data_dir)
     print(f"protocol {spec.label}: known {list(spec.known)}, unknown {list(spec.unknown)}; "
           f"{len(data.known_train)} train / {len(data.val)} val / {len(data.known_test)} known test images")
@@ -191,7 +225,7 @@ def cmd_train(args) -> int:
 def cmd_fit(args) -> int:
     from gradosr.checkpoint import read_json
     from gradosr.data.protocols import load_protocol
-    from gradosr.device import resolve_device
+    from gradosr.distributed import init_distributed
     from gradosr.osr import GradientOSR, make_config
     from gradosr.train import identity_mismatch
 
@@ -205,7 +239,7 @@ def cmd_fit(args) -> int:
         if identity_mismatch(stored, {"config": method.to_dict(), "train": config.to_dict()}) is None:
             print(f"{out} already holds this fitted method; nothing to do (gradosr evaluate --run {out})")
             return 0
-    device = resolve_device(args.device)
+    device = init_distributed(args.device)
     data = load_protocol(spec, args.data_dir)
     print(f"protocol {spec.label}: known {list(spec.known)}, unknown {list(spec.unknown)}")
     t0 = time.time()
@@ -220,16 +254,19 @@ def cmd_fit(args) -> int:
 
 def _method_options(args) -> dict:
     keys = ("target", "n_ones", "output", "log", "standardize", "detector_data", "proxy_unknown",
-            "threshold_rule", "threshold", "target_tpr", "hidden")
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+            "threshold_rule", "threshold", "target_tpr", "hidden", "gradient_rep", "k")
+    options = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if getattr(args, "signals", None) is not None:
+        options["signals"] = tuple(x.strip() for x in args.signals.split(",") if x.strip())
+    return options
 
 
 def cmd_predict(args) -> int:
-    from gradosr.device import resolve_device
+    from gradosr.distributed import init_distributed
     from gradosr.images import read_image
     from gradosr.osr import GradientOSR
 
-    osr = GradientOSR.load(args.run, device=resolve_device(args.device))
+    osr = GradientOSR.load(args.run, device=init_distributed(args.device))
     clf = osr.classifier
     failed = 0
     ok: list[tuple[str, object]] = []
@@ -266,7 +303,7 @@ def cmd_predict(args) -> int:
 def cmd_benchmark(args) -> int:
     from gradosr.bench import BenchmarkSettings, run_benchmark
     from gradosr.data.protocols import parse_index_list
-    from gradosr.device import resolve_device
+    from gradosr.distributed import init_distributed
     from gradosr.evaluation import format_table
 
     if args.split is not None or args.split_seed is not None:
@@ -280,21 +317,44 @@ def cmd_benchmark(args) -> int:
         train_overrides={k: getattr(args, k) for k in ("model", "epochs", "batch_size", "optimizer", "lr",
                                                        "weight_decay", "image_size") if getattr(args, k) is not None},
         seed=args.seed, preset=args.preset, method_options=_method_options(args), data_dir=args.data_dir,
-        device=resolve_device(args.device), progress=not args.no_progress, command=_command_line(args))
+        device=init_distributed(args.device), progress=not args.no_progress, command=_command_line(args))
     doc = run_benchmark(settings)
     print(format_table(doc["summary"]))
     print(f"results written to {settings.out}/results.json, results.md, results.csv and plots/")
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def cmd_ablate(args) -> int:
+    from gradosr.ablation import AblationSettings, run_ablation, select_variants
+    from gradosr.data.protocols import parse_index_list
     from gradosr.device import resolve_device
+
+    if args.split is not None or args.split_seed is not None:
+        raise ConfigError("ablate takes --splits (e.g. 0-4), not --split/--split-seed")
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    select_variants(names)  # unknown names fail before any work
+    settings = AblationSettings(
+        protocol=args.protocol, splits=parse_index_list(args.splits, "--splits"), variants=names,
+        out=_out_folder(args.out),
+        protocol_args={k: getattr(args, k) for k in ("dataset", "known", "unknown", "known_dataset",
+                                                     "unknown_dataset") if getattr(args, k) is not None},
+        train_overrides={k: getattr(args, k) for k in ("model", "epochs", "batch_size", "optimizer", "lr",
+                                                       "weight_decay", "image_size") if getattr(args, k) is not None},
+        seed=args.seed, data_dir=args.data_dir, device=resolve_device(args.device), progress=not args.no_progress,
+        command=_command_line(args))
+    run_ablation(settings)
+    print(f"results written to {settings.out}/results.json and results.md")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from gradosr.distributed import init_distributed
     from gradosr.evaluate import evaluate_run
     from gradosr.evaluation import format_table, results_document
     from gradosr.checkpoint import atomic_write_json
 
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
-    records, info = evaluate_run(Path(args.run), methods, data_dir=args.data_dir, device=resolve_device(args.device),
+    records, info = evaluate_run(Path(args.run), methods, data_dir=args.data_dir, device=init_distributed(args.device),
                                  progress=not args.no_progress)
     doc = results_document(_command_line(args), records, info)
     out = Path(args.json) if args.json else Path(args.run) / "eval.json"
@@ -310,9 +370,16 @@ def _command_line(args) -> str:
     return "gradosr " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
 
-COMMANDS = {"datasets": cmd_datasets, "train": cmd_train, "fit": cmd_fit, "evaluate": cmd_evaluate,
+COMMANDS = {"ablate": cmd_ablate, "datasets": cmd_datasets, "train": cmd_train, "fit": cmd_fit, "evaluate": cmd_evaluate,
             "benchmark": cmd_benchmark,
             "predict": cmd_predict}
+
+
+class _Discard(io.TextIOBase):
+    """A text stream that drops what is written (stdout of the ranks other than 0)."""
+
+    def write(self, s: str) -> int:
+        return len(s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,21 +389,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from gradosr import distributed
+
+    rank = distributed.env_rank()
+    where = f" (rank {rank})" if rank else ""  # under torchrun every process reports its own errors
+    ok = False
     try:
-        return COMMANDS[args.command](args)
+        with contextlib.redirect_stdout(_Discard()) if rank != 0 else contextlib.nullcontext():
+            code = COMMANDS[args.command](args)  # only rank 0 prints results
+        ok = True
+        return code
     except GradOSRError as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"gradosr: error: {exc}", file=sys.stderr)
+        print(f"gradosr: error{where}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:  # the system refused a read or write (permissions, disk full, a file for a folder)
         if getattr(args, "debug", False):
             raise
-        print(f"gradosr: error: {exc}", file=sys.stderr)
+        print(f"gradosr: error{where}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("gradosr: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown_distributed(wait=ok)
 
 
 if __name__ == "__main__":

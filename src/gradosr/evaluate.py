@@ -3,6 +3,11 @@
 Shared by ``gradosr evaluate`` (one run folder) and ``gradosr benchmark`` (many splits,
 with a score cache). The test set is [known_test; unknown_test] with labels 0..K-1 and
 -1; the held-out knowns (validation split) set the 95%-acceptance thresholds.
+
+In a distributed run (torchrun) the logits and features, every GradientOSR preset's and
+every baseline's scores are computed on contiguous shards of the rows, one per process,
+and all-gathered (:func:`gradosr.distributed.map_rows`); scorers are fitted on the full
+training outputs, identically on every process.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from gradosr.checkpoint import check_folder
 from gradosr.classifier import Classifier
 from gradosr.data.protocols import OSRData, ProtocolSpec, load_protocol
 from gradosr.detectors import SCORERS, ClassifierOutputs
+from gradosr.distributed import map_rows
 from gradosr.errors import CheckpointError, ConfigError
 from gradosr.evaluation import results_record
 
@@ -43,6 +49,31 @@ def classifier_outputs(clf: Classifier, x: torch.Tensor) -> ClassifierOutputs:
     return ClassifierOutputs(logits, feats, x, clf.model)
 
 
+def output_rows(out: ClassifierOutputs, rows: slice) -> ClassifierOutputs:
+    """The samples ``rows`` of ``out`` (the model is shared)."""
+    return ClassifierOutputs(out.logits[rows], out.features[rows],
+                             out.inputs[rows] if out.inputs is not None else None, out.model)
+
+
+def sharded_scores(scorer, out: ClassifierOutputs) -> np.ndarray:
+    """``scorer.score_samples(out)``, sharded over the rows in a distributed run (each
+    sample's score depends on that sample alone). Shards are cut at multiples of the
+    scorer's batch size, when it has one, so batches hold the rows of a single-process run."""
+    align = getattr(scorer, "batch_size", 1)
+    align = align if isinstance(align, int) and align > 0 else 1
+    return map_rows(lambda rows: np.asarray(scorer.score_samples(output_rows(out, rows)), dtype=np.float64),
+                    len(out), align=align)
+
+
+def sharded_osr_scores(osr, x: torch.Tensor) -> np.ndarray:
+    """``osr.score_samples(x)`` (a fitted GradientOSR, model inputs ``x``), sharded over
+    the rows in a distributed run: the whole scoring (forward passes, gradient features,
+    detector) runs on each process's shard, cut at multiples of the extraction batch size;
+    the map_rows inside it run locally."""
+    return map_rows(lambda rows: np.asarray(osr.score_samples(rows), dtype=np.float64), x,
+                    align=osr.config.batch_size)
+
+
 @dataclass
 class SplitScores:
     """Scores of one method on one split: test N, validation knowns M, and how the
@@ -56,9 +87,16 @@ class SplitScores:
     seconds: float = 0.0
 
 
-def available_methods(preset: str | None = None) -> list[str]:
-    """Method ids: the GradientOSR ``preset`` first (when given), then the baselines."""
-    return ([preset] if preset else []) + list(SCORERS)
+def available_methods(presets: str | list[str] | None = None) -> list[str]:
+    """Method ids: the GradientOSR presets first (``None``: every preset of
+    :data:`gradosr.osr.PRESETS`), then the baselines."""
+    from gradosr.osr import PRESETS
+
+    if presets is None:
+        presets = list(PRESETS)
+    elif isinstance(presets, str):
+        presets = [presets]
+    return list(presets) + list(SCORERS)
 
 
 def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, progress: bool = False,
@@ -66,32 +104,35 @@ def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, pr
                 ) -> tuple[np.ndarray, np.ndarray, dict[str, SplitScores]]:
     """Scores of ``methods`` on the split's test and validation images.
 
+    ``osr``: a fitted GradientOSR, or a dict {preset: GradientOSR} (all on ``clf``).
     ``cache(method, compute)``: returns stored scores or calls ``compute()`` (benchmark).
     Returns (y_true N, closed_pred N, {method: SplitScores}).
     """
-    preset = osr.config.preset if osr is not None else None
-    bad = [m for m in methods if m not in SCORERS and m != preset]
+    fitted = osr if isinstance(osr, dict) else ({osr.config.preset: osr} if osr is not None else {})
+    bad = [m for m in methods if m not in SCORERS and m not in fitted]
     if bad:
-        raise ConfigError(f"unknown or unavailable methods {bad}; available: {', '.join(available_methods(preset))}")
+        raise ConfigError(f"unknown or unavailable methods {bad}; available: "
+                          f"{', '.join(available_methods(list(fitted)))}")
     x_test, x_val = clf.inputs(test_images(data)), clf.inputs(data.val.images)
     test_out, val_out = classifier_outputs(clf, x_test), classifier_outputs(clf, x_val)
     train_out: list[ClassifierOutputs] = []
 
     def compute(method: str) -> SplitScores:
         t0 = time.time()
-        if method == preset:
+        if method in fitted:
+            osr = fitted[method]
             osr.progress = progress
             rule = (f"fixed-{osr.threshold_:g}" if osr.config.threshold_rule == "fixed"
                     else f"tpr{osr.config.target_tpr:g}-val")
-            return SplitScores(osr.score_samples(x_test), osr.score_samples(x_val), osr.threshold_, rule,
-                               osr.config.to_dict(), time.time() - t0)
+            return SplitScores(sharded_osr_scores(osr, x_test), sharded_osr_scores(osr, x_val), osr.threshold_,
+                               rule, osr.config.to_dict(), time.time() - t0)
         scorer = SCORERS[method]()
         if scorer.needs_fit:
             if not train_out:
                 train_out.append(classifier_outputs(clf, clf.inputs(data.known_train.images)))
             scorer.fit(train_out[0], data.known_train.labels)
-        return SplitScores(scorer.score_samples(test_out), scorer.score_samples(val_out), params=dict(scorer.params),
-                           seconds=time.time() - t0)
+        return SplitScores(sharded_scores(scorer, test_out), sharded_scores(scorer, val_out),
+                           params=dict(scorer.params), seconds=time.time() - t0)
 
     scores = {m: (cache(m, lambda m=m: compute(m)) if cache else compute(m)) for m in methods}
     return test_labels(data), test_out.logits.argmax(1).numpy(), scores
@@ -110,15 +151,37 @@ def split_records(spec: ProtocolSpec, y_true: np.ndarray, closed_pred: np.ndarra
     return records
 
 
+def preset_dir(run: Path, preset: str) -> Path:
+    """Where a run keeps a preset's fitted method: the run folder itself for ``paper``
+    (and for whatever ``gradosr fit --out`` wrote there), ``<run>/<preset>/`` for the
+    other presets that ``gradosr benchmark`` fits beside it."""
+    return Path(run) if preset == "paper" else Path(run) / preset
+
+
+def fitted_presets(run: Path, device="cpu") -> dict:
+    """{preset: GradientOSR} of every fitted method stored in the run folder."""
+    from gradosr.osr import PRESETS, GradientOSR
+
+    found = {}
+    if (Path(run) / "osr.json").is_file():
+        osr = GradientOSR.load(run, device=device)
+        found[osr.config.preset] = osr
+    for preset in PRESETS:
+        folder = Path(run) / preset
+        if preset not in found and (folder / "osr.json").is_file():
+            found[preset] = GradientOSR.load(folder, device=device)
+    return found
+
+
 def evaluate_run(run: Path, methods: list[str] | None, data_dir=None, device="cpu",
                  progress: bool = True) -> tuple[list[dict], dict]:
     """Results records for ``methods`` on the run's protocol split (``gradosr evaluate``).
 
-    The GradientOSR preset (``paper``) needs ``<run>/osr.json`` from ``gradosr fit``;
-    the baselines need only the classifier. Default methods: the preset (when fitted)
-    and ``msp``. Returns (records, info) with the protocol and classifier metadata.
+    A GradientOSR preset needs ``<run>/osr.json`` from ``gradosr fit`` (or
+    ``<run>/<preset>/osr.json``, as ``gradosr benchmark`` stores presets other than
+    ``paper``); the baselines need only the classifier. Default methods: the fitted
+    presets and ``msp``. Returns (records, info) with the protocol and classifier metadata.
     """
-    from gradosr.osr import GradientOSR
 
     run = check_folder(run, "a run folder (classifier/, osr.json)")
     clf_dir = run / "classifier"
@@ -127,16 +190,20 @@ def evaluate_run(run: Path, methods: list[str] | None, data_dir=None, device="cp
     clf = Classifier.load(clf_dir, device=device)
     if not clf.meta.get("complete"):
         raise CheckpointError(f"{clf_dir} holds an unfinished training run; finish it with gradosr train --resume")
-    osr = GradientOSR.load(run, device=device) if (run / "osr.json").is_file() else None
+    fitted = fitted_presets(run, device)
     if methods is None:
-        methods = ([osr.config.preset] if osr else []) + ["msp"]
+        methods = list(fitted) + ["msp"]
     elif "all" in methods:
-        methods = available_methods(osr.config.preset if osr else None)
-    if osr is None and "paper" in methods:
-        raise CheckpointError(f"{run} has no fitted method (osr.json): run gradosr fit --out {run} first")
+        methods = available_methods(list(fitted))
+    from gradosr.osr import PRESETS
+
+    missing = [m for m in methods if m in PRESETS and m not in fitted]
+    if missing:
+        raise CheckpointError(f"{run} has no fitted {missing[0]} method (osr.json): run "
+                              f"gradosr fit --preset {missing[0]} --out {run} first")
     spec = ProtocolSpec.from_dict(clf.meta["protocol"])
     data = load_protocol(spec, data_dir)
-    y_true, closed_pred, scores = score_split(clf, data, methods, osr, progress)
+    y_true, closed_pred, scores = score_split(clf, data, methods, fitted, progress)
     info = {"protocol": spec.to_dict(),
             "classifier": {k: clf.meta.get(k) for k in ("arch", "train", "test_acc", "val_acc")},
             "method_params": {m: s.params for m, s in scores.items()}}

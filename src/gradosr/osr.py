@@ -13,7 +13,10 @@ Gradient-Based Representations", ICIP 2021.
    is labelled -1 (unknown). Accepted inputs get the classifier's argmax.
 
 Every choice the paper leaves open is an option of :class:`OSRConfig`, recorded in
-``osr.json``. Presets: ``paper`` (the paper as stated, DESIGN.md §2).
+``osr.json``. Presets: ``paper`` (the paper as stated, DESIGN.md §2) and ``plus``
+(``method="fusion"``: no proxy classifier; the final classifier's known training
+samples are modelled directly, summing standardised kNN-in-gradient-space, kNN-on-feature
+and max-logit signals, see :mod:`gradosr.detectors.fusion` and docs/ablation.md).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from gradosr.checkpoint import (
 )
 from gradosr.classifier import Classifier
 from gradosr.data.protocols import OSRData
+from gradosr.detectors.fusion import FusionConfig, FusionDetector, logit_gradient
 from gradosr.detectors.mlp import DetectorConfig, MLPDetector
 from gradosr.errors import CheckpointError, ConfigError, DataError
 from gradosr.gradients.targets import check_n_ones
@@ -57,6 +61,7 @@ DETECTOR_FORMAT = "gradosr.detector"
 STANDARDIZE = ("train", "own", "none")
 DETECTOR_DATA = ("train", "heldout")
 THRESHOLD_RULES = ("fixed", "tpr")
+METHODS = ("proxy", "fusion")
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,9 @@ class OSRConfig:
     """Every option of the method (DESIGN.md §2, §8).
 
     Attributes:
+        method: ``proxy`` (the paper: an MLP trained on a proxy classifier's gradient
+            representations) or ``fusion`` (the ``plus`` preset: one-class signals of
+            the final classifier, :class:`gradosr.detectors.fusion.FusionDetector`).
         representation: target, n_ones, softmax/sigmoid, parameter selection, log.
         standardize: ``train`` = mean/std of the detector's training features, applied
             to every input; ``own`` = each classifier's features standardised by its own
@@ -77,11 +85,13 @@ class OSRConfig:
         threshold_rule: ``fixed`` (accept when P(known) >= ``threshold``) or ``tpr``
             (the threshold accepting ``target_tpr`` of the validation knowns).
         threshold, target_tpr: see ``threshold_rule``.
-        detector: the detector's hyperparameters.
+        detector: the MLP detector's hyperparameters (``proxy``).
+        fusion: the fused detector's signals, gradient representation and k (``fusion``).
         batch_size: gradient-extraction batch size (no effect on results).
     """
 
     preset: str = "paper"
+    method: str = "proxy"
     representation: RepresentationConfig = field(default_factory=RepresentationConfig)
     standardize: str = "train"
     detector_data: str = "train"
@@ -90,9 +100,14 @@ class OSRConfig:
     threshold: float = 0.95
     target_tpr: float = 0.95
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     batch_size: int = 256
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "fusion" and self.threshold_rule != "tpr":
+            raise ConfigError("the fusion method's score is not a probability: use threshold_rule tpr")
         if self.standardize not in STANDARDIZE:
             raise ConfigError(f"standardize must be one of {STANDARDIZE}, got {self.standardize!r}")
         if self.detector_data not in DETECTOR_DATA:
@@ -107,6 +122,7 @@ class OSRConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["representation"] = self.representation.to_dict()
+        d["fusion"]["signals"] = list(self.fusion.signals)
         return d
 
     @classmethod
@@ -114,24 +130,33 @@ class OSRConfig:
         try:
             rep = RepresentationConfig(**d["representation"])
             det = DetectorConfig(**d["detector"])
-            rest = {k: v for k, v in d.items() if k not in ("representation", "detector")}
-            return cls(representation=rep, detector=det, **rest)
+            fus = FusionConfig(**d.get("fusion", {}))  # absent in files of gradosr <= 0.1
+            rest = {k: v for k, v in d.items() if k not in ("representation", "detector", "fusion")}
+            return cls(representation=rep, detector=det, fusion=fus, **rest)
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"invalid method config {d!r}: {exc}") from None
 
 
-PRESETS: dict[str, OSRConfig] = {"paper": OSRConfig()}
+PRESETS: dict[str, OSRConfig] = {
+    "paper": OSRConfig(),
+    # chosen on the mnist-sample splits only (docs/ablation.md)
+    "plus": OSRConfig(preset="plus", method="fusion", threshold_rule="tpr"),
+}
+#: the preset of ``gradosr fit``/``evaluate``/``benchmark`` and of the demo
+DEFAULT_PRESET = "plus"
 
 #: keyword options accepted by GradientOSR / the CLI, and where they live in OSRConfig
 _REP_KEYS = {f for f in RepresentationConfig.__dataclass_fields__}
 _DET_KEYS = {f for f in DetectorConfig.__dataclass_fields__}
+_FUS_KEYS = {f for f in FusionConfig.__dataclass_fields__}
 
 
 def make_config(preset: str = "paper", seed: int | None = None, **options) -> OSRConfig:
     """The preset's config with ``options`` (None = keep) applied.
 
     Options are fields of :class:`OSRConfig`, :class:`RepresentationConfig` (target,
-    n_ones, output, params, log) or :class:`DetectorConfig` (hidden, lr, ...).
+    n_ones, output, params, log), :class:`DetectorConfig` (hidden, lr, ...) or
+    :class:`FusionConfig` (signals, gradient_rep, k).
     ``seed`` sets the detector seed.
     """
     if preset not in PRESETS:
@@ -140,13 +165,14 @@ def make_config(preset: str = "paper", seed: int | None = None, **options) -> OS
     options = {k: v for k, v in options.items() if v is not None}
     rep = {k: options.pop(k) for k in list(options) if k in _REP_KEYS}
     det = {k: options.pop(k) for k in list(options) if k in _DET_KEYS}
+    fus = {k: options.pop(k) for k in list(options) if k in _FUS_KEYS}
     if seed is not None:
         det["seed"] = seed
     unknown = set(options) - set(OSRConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown options {sorted(unknown)}")
     return replace(cfg, representation=replace(cfg.representation, **rep), detector=replace(cfg.detector, **det),
-                   **options)
+                   fusion=replace(cfg.fusion, **fus), **options)
 
 
 def proxy_split(num_known: int, seed: int, num_unknown: int | None = None) -> list[int]:
@@ -192,6 +218,11 @@ class GradientOSR:
         self.scalers: dict[str, Standardizer] = {}
         self.param_names: list[str] | None = None
         self.threshold_: float | None = None
+        #: trained proxy classifiers by proxy-unknown labels; share one dict between
+        #: GradientOSR objects on the same classifier to train each proxy once (ablations)
+        self.proxy_cache: dict[tuple[int, ...], Classifier] = {}
+        #: without a run folder, proxies are stored (and reused) in <proxy_root>/proxy-<labels>/
+        self.proxy_root: str | os.PathLike | None = None
 
     # ----------------------------------------------------------------- building
     @classmethod
@@ -265,6 +296,9 @@ class GradientOSR:
         """ConfigError, before anything is trained or written, when the options do not fit
         K = ``k`` known classes: too few for a proxy split, or more confounding ones than
         the proxy classifier (the one with the fewest outputs) has."""
+        if self.config.method == "fusion":
+            check_n_ones(self.config.representation.n_ones, k)
+            return
         n_proxy = k - len(proxy_split(k, 0, self.config.proxy_unknown))
         try:
             check_n_ones(self.config.representation.n_ones, n_proxy)
@@ -296,6 +330,9 @@ class GradientOSR:
         missing = sorted(set(range(k)) - set(np.unique(yt).tolist()))
         if missing:
             raise DataError(f"known classes {missing} have no training samples")
+        if cfg.method == "fusion":
+            self._fit_fusion(xt, yt, xv)
+            return
         self.proxy_unknown = proxy_split(k, seed, cfg.proxy_unknown)
         u_train, u_val = np.isin(yt, self.proxy_unknown), np.isin(yv, self.proxy_unknown)
         self.proxy = self._ensure_proxy(xt[~u_train], yt[~u_train], xv[~u_val], yv[~u_val], identity, run_dir)
@@ -322,6 +359,37 @@ class GradientOSR:
         else:
             self.threshold_ = threshold_at_tpr(self.score_samples(xv), cfg.target_tpr)
 
+    def _fit_fusion(self, xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor) -> None:
+        """The ``fusion`` method: no proxy; the detector models the final classifier's
+        known training samples, standardised with the held-out knowns ``xv``."""
+        cfg = self.config
+        self.proxy, self.proxy_unknown = None, None
+        self.param_names = []
+        if "gradient" in cfg.fusion.signals and cfg.fusion.gradient_rep == "norms":
+            self._param_names(self.classifier.model)
+            scaler = Standardizer.fit(self._features(self.classifier.model, xv, "held-out knowns"))
+        else:
+            scaler = Standardizer.identity(0)
+        self.scalers = {"proxy": scaler, "final": scaler}
+        self.detector = FusionDetector(cfg.fusion).fit(self._views(xt, "known training"), yt,
+                                                       self._views(xv, "held-out knowns"))
+        self.threshold_ = threshold_at_tpr(self.score_samples(xv), cfg.target_tpr)
+
+    def _views(self, xin: torch.Tensor, desc: str = "gradients") -> dict:
+        """What the fused detector reads of model inputs ``xin`` (float64 tensors): logits
+        N×K, head-input features N×D, the logit gradient g N×K of the configured loss
+        (the head's weight gradient is g hᵀ) and, when needed, g of the uniform target
+        and the standardised log gradient norms N×P."""
+        rep, fus = self.config.representation, self.config.fusion
+        logits, feats = self.classifier.logits_and_features(xin)
+        views = {"logits": logits.to(torch.float64), "features": feats.to(torch.float64),
+                 "g": logit_gradient(logits, rep.target, rep.n_ones, rep.output)}
+        if "gradnorm" in fus.signals:
+            views["g_uniform"] = logit_gradient(logits, "uniform")
+        if "gradient" in fus.signals and fus.gradient_rep == "norms":
+            views["norms"] = self.scalers["final"](self._features(self.classifier.model, xin, desc))
+        return views
+
     def _param_names(self, model: nn.Module) -> list[str]:
         from gradosr.gradients import select_parameters
 
@@ -338,13 +406,20 @@ class GradientOSR:
     def _ensure_proxy(self, xt, yt, xv, yv, identity: dict, run_dir: Path | None) -> Classifier:
         """Train (or reuse from ``<run_dir>/proxy``) the proxy classifier on proxy knowns."""
         keep = [c for c in range(self.num_known) if c not in self.proxy_unknown]
+        if tuple(self.proxy_unknown) in self.proxy_cache:
+            return self.proxy_cache[tuple(self.proxy_unknown)]
         remap = np.full(self.num_known, -1, dtype=np.int64)
         remap[keep] = np.arange(len(keep))
         ids = [self.classifier.class_ids[c] for c in keep]
         names = [self.classifier.class_names[c] for c in keep]
         tc = self.train_config
         wanted = {**identity, "train": tc.to_dict(), "proxy_of": keep}
-        out = run_dir / "proxy" if run_dir is not None else None
+        if run_dir is not None:
+            out = run_dir / "proxy"
+        elif self.proxy_root is not None:  # proxies kept apart from any run folder (ablations)
+            out = Path(self.proxy_root) / ("proxy-" + "-".join(str(c) for c in self.proxy_unknown))
+        else:
+            out = None
         custom = self.classifier.arch == "custom"
         if out is not None and (out / "model.json").is_file():
             model = self._new_proxy_model(len(keep)) if custom else None
@@ -355,10 +430,12 @@ class GradientOSR:
             if reason is not None:
                 raise CheckpointError(f"{out} holds another proxy classifier: {reason}. Use another run folder")
         model = self._new_proxy_model(len(keep)) if custom else None
-        return train_classifier((xt, remap[yt]), (xv, remap[yv]), ids, tc, self.classifier.preprocessing,
-                                out_dir=out, progress=self.progress, device=self.device, class_names=names,
-                                meta={**identity, "proxy_of": keep}, model=model,
-                                resume=out is not None and (out / "model.json").is_file())
+        proxy = train_classifier((xt, remap[yt]), (xv, remap[yv]), ids, tc, self.classifier.preprocessing,
+                                 out_dir=out, progress=self.progress, device=self.device, class_names=names,
+                                 meta={**identity, "proxy_of": keep}, model=model,
+                                 resume=out is not None and (out / "model.json").is_file())
+        self.proxy_cache[tuple(self.proxy_unknown)] = proxy
+        return proxy
 
     def _new_proxy_model(self, n: int) -> nn.Module:
         if self.proxy_factory is not None:
@@ -377,14 +454,21 @@ class GradientOSR:
             raise ConfigError("this GradientOSR is not fitted: call fit() or load() first")
 
     def representations(self, x) -> torch.Tensor:
-        """Standardised detector inputs of ``x`` from the final classifier (float64 N×P)."""
+        """Standardised detector inputs of ``x`` from the final classifier (float64 N×P);
+        the ``proxy`` method's MLP inputs (the ``fusion`` method reads :meth:`_views`)."""
         self._check_fitted()
+        if self.config.method != "proxy":
+            raise ConfigError("representations() are the proxy method's detector inputs; "
+                              f"the {self.config.method} method has none")
         xin = self.classifier.inputs(x)
         return self.scalers["final"](self._features(self.classifier.model, xin, "gradients"))
 
     def score_samples(self, x) -> np.ndarray:
-        """P(known) of each input (float64 N): higher = more likely known."""
+        """Score of each input (float64 N), higher = more likely known: P(known) for the
+        ``proxy`` method, the sum of standardised signals for ``fusion``."""
         self._check_fitted()
+        if self.config.method == "fusion":
+            return self.detector.score_samples(self._views(self.classifier.inputs(x)))
         return self.detector.predict_proba(self.representations(x).float())
 
     def predict(self, x, return_scores: bool = False):
@@ -406,7 +490,8 @@ class GradientOSR:
         if self.proxy is not None:  # a loaded GradientOSR does not carry its proxy
             self.proxy.save(directory / "proxy")
         tensors, meta = self.detector.state()
-        tensors = {f"net.{k}": v for k, v in tensors.items()}
+        prefix = "net" if self.config.method == "proxy" else "fusion"
+        tensors = {f"{prefix}.{k}": v for k, v in tensors.items()}
         for which, sc in self.scalers.items():
             tensors[f"scaler.{which}.mean"], tensors[f"scaler.{which}.std"] = sc.mean, sc.std
         save_tensors(directory / "detector", "detector", tensors, {**meta, "param_names": self.param_names},
@@ -438,7 +523,13 @@ class GradientOSR:
         self.proxy_unknown = meta.get("proxy_unknown")
         self.threshold_ = float(meta["threshold"])
         tensors, dmeta = load_tensors(directory / "detector", "detector", DETECTOR_FORMAT)
-        self.detector = MLPDetector.from_state({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, dmeta)
+        self.proxy_cache, self.proxy_root = {}, None
+        if config.method == "fusion":
+            self.detector = FusionDetector.from_state(
+                {k[7:]: v for k, v in tensors.items() if k.startswith("fusion.")}, dmeta)
+        else:
+            self.detector = MLPDetector.from_state({k[4:]: v for k, v in tensors.items() if k.startswith("net.")},
+                                                   dmeta)
         self.param_names = list(dmeta["param_names"])
         check_params_exist(self.param_names, clf.model)
         try:
@@ -446,7 +537,7 @@ class GradientOSR:
                             for w in ("proxy", "final")}
         except KeyError as exc:
             raise CheckpointError(f"{directory}/detector is missing {exc}") from None
-        if self.detector.net[0].in_features != len(self.param_names):
+        if config.method == "proxy" and self.detector.net[0].in_features != len(self.param_names):
             raise CheckpointError(f"{directory}/detector expects {self.detector.net[0].in_features} features, "
                                   f"but lists {len(self.param_names)} parameters")
         return self

@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from gradosr.distributed import map_rows
 from gradosr.errors import ConfigError
 from gradosr.gradients import squared_norms
 from gradosr.gradients.targets import check_n_ones, check_target
+from gradosr.progress import progress_bar
 
 #: squared norms below this are clamped before the log (a dead ReLU layer gives 0)
 LOG_FLOOR = 1e-30
@@ -59,13 +60,23 @@ def extract(model: nn.Module, x: torch.Tensor, config: RepresentationConfig, bat
 
     Returns (features float64 N×P on the CPU, parameter names). Batches of
     ``batch_size`` are moved to the model's device one at a time.
+
+    In a distributed run (torchrun) every process extracts its contiguous shard of the
+    rows, cut at multiples of ``batch_size`` so that each batch holds the same rows as in
+    one process, and the shards are all-gathered (:func:`gradosr.distributed.map_rows`):
+    every process returns the features of all rows.
     """
+    return map_rows(lambda xs: _extract_local(model, xs, config, batch_size, progress, desc), x, align=batch_size)
+
+
+def _extract_local(model: nn.Module, x: torch.Tensor, config: RepresentationConfig, batch_size: int,
+                   progress: bool, desc: str) -> tuple[torch.Tensor, list[str]]:
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     params = list(config.params) if config.params is not None else None
     out, names = [], None
     starts = range(0, len(x), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+    for start in progress_bar(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
         xb = x[start:start + batch_size].to(device=device, dtype=dtype)
         feats, names = squared_norms(model, xb, target=config.target, n_ones=config.n_ones,
                                      output=config.output, params=params)

@@ -4,10 +4,22 @@ Deterministic on CPU: the model is initialised from ``seed``; each epoch's shuff
 augmentation and dropout draw from generators seeded by (seed, epoch), so a run resumed
 at an epoch boundary (``resume=True``) ends with exactly the weights of an
 uninterrupted run. A checkpoint is written atomically after every epoch.
+
+Distributed (``torchrun``, :mod:`gradosr.distributed`): the model is wrapped in
+``torch.nn.parallel.DistributedDataParallel``. Every process draws the same shuffling
+and augmentation of each global batch of ``batch_size`` images and trains on its
+contiguous slice of it; each process's loss is its slice's summed cross-entropy times
+world_size / (global batch length), so DDP's gradient averaging gives exactly the
+single-process mean gradient, also for an uneven last batch (float64: equal to 1e-10;
+the difference is rounding). BatchNorm uses the global batch's statistics on CUDA
+(SyncBatchNorm) and each process's own slice's statistics on CPU (gloo has no
+SyncBatchNorm), where training therefore differs slightly from one process; dropout
+masks also differ. Only rank 0 writes checkpoints and logs.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -18,15 +30,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from gradosr.checkpoint import load_tensors, save_tensors
+from gradosr.checkpoint import load_tensors, remove_stale_temporaries, save_tensors
 from gradosr.classifier import Classifier, batched_outputs
 from gradosr.data.imageset import ImageSet
+from gradosr import distributed
 from gradosr.data.registry import dataset_info
 from gradosr.errors import CheckpointError, ConfigError
 from gradosr.models import build_model
 from gradosr.preprocess import Preprocessing
+from gradosr.progress import progress_bar
+from gradosr.progress import write as progress_write
 
 TRAIN_STATE_FORMAT = "gradosr.train_state"
 AUGMENTATIONS = ("none", "crop", "crop-flip")
@@ -203,7 +217,7 @@ def train_classifier(
         model: an initialised ``nn.Module`` with K outputs to train instead of building
             ``config.model`` (recorded as arch ``custom``).
         meta: extra identity recorded in the checkpoint (protocol, ...).
-        log: receives one line per epoch (default: tqdm.write when progress is on).
+        log: receives one line per epoch (default: printed; on rank 0 only in a distributed run).
 
     Returns:
         the trained :class:`Classifier` (model in eval mode, on ``device``).
@@ -231,46 +245,84 @@ def train_classifier(
     if y_train.min() < 0 or y_train.max() >= k:
         raise ConfigError(f"training labels must lie in 0..{k - 1}")
     x_val, y_val = _as_inputs(val, preprocessing) if val is not None else (None, None)
-    write = log or (tqdm.write if progress else print)
+    write = log or (progress_write if progress else print)
+    if not distributed.is_main():
+        write = _silent
     clf = Classifier(model, arch, preprocessing, class_ids, class_names, identity)
     if start_epoch:  # resumed: keep the progress record even when no epoch is left to run
         clf.meta.update({"epoch": start_epoch, "complete": start_epoch == config.epochs, "history": history})
-    for epoch in range(start_epoch, config.epochs):
-        t0 = time.time()
-        gen = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch))
-        torch.manual_seed(_epoch_seed(config.seed, epoch) + 1)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(config, epoch)
-        order = torch.randperm(len(y_train), generator=gen)
-        model.train()
-        total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}",
-                   leave=False, disable=not progress, unit="batch")
-        for start in bar:
-            idx = order[start:start + config.batch_size]
-            xb = augment_batch(x_train[idx], config.augment, gen).to(device)
-            yb = y_train[idx].to(device)
-            opt.zero_grad(set_to_none=True)
-            out = model(xb)
-            loss = F.cross_entropy(out, yb)
-            loss.backward()
-            opt.step()
-            total_loss += float(loss.detach()) * len(idx)
-            correct += int((out.argmax(1) == yb).sum())
-            seen += len(idx)
-        model.eval()
-        record = {"epoch": epoch + 1, "loss": total_loss / seen, "train_acc": correct / seen,
-                  "val_acc": accuracy(model, x_val, y_val) if x_val is not None else None,
-                  "seconds": round(time.time() - t0, 3)}
-        history.append(record)
-        val_txt = f" val_acc {record['val_acc']:.4f}" if record["val_acc"] is not None else ""
-        write(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f} "
-              f"train_acc {record['train_acc']:.4f}{val_txt} ({record['seconds']:.1f}s)")
-        clf.meta.update({"epoch": epoch + 1, "complete": epoch + 1 == config.epochs, "history": history})
-        if out_dir is not None:
-            _save_state(Path(out_dir), clf, opt)
+    world, rank = distributed.world_size(), distributed.rank()
+    # DDP whenever a process group exists (also with one process: torchrun --nproc_per_node=1)
+    ddp = distributed.is_initialized() and start_epoch < config.epochs
+    net, restore = distributed.wrap_ddp(model, device) if ddp else (model, None)
+    in_dtype = next(model.parameters()).dtype  # inputs follow the model (e.g. a float64 model, float32 images)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            t0 = time.time()
+            gen = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch))
+            # dropout: another stream per process (rank 0's is the single-process one)
+            torch.manual_seed(_epoch_seed(config.seed, epoch) + 1 + 1_000_003 * rank)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(config, epoch)
+            order = torch.randperm(len(y_train), generator=gen)
+            net.train()
+            total_loss, correct, seen = 0.0, 0, 0
+            bar = progress_bar(range(0, len(order), config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}",
+                               leave=False, disable=not progress, unit="batch")
+            for start in bar:
+                idx = order[start:start + config.batch_size]
+                xg = augment_batch(x_train[idx], config.augment, gen)  # the whole global batch, as in one process
+                if not ddp:
+                    xb, yb = xg.to(device=device, dtype=in_dtype), y_train[idx].to(device)
+                    opt.zero_grad(set_to_none=True)
+                    out = net(xb)
+                    loss = F.cross_entropy(out, yb)
+                    loss.backward()
+                    opt.step()
+                    total_loss += float(loss.detach()) * len(idx)
+                    correct += int((out.argmax(1) == yb).sum())
+                    seen += len(idx)
+                    continue
+                lo, hi = distributed.shard_bounds(len(idx))
+                # A process without rows of this (short) batch runs the whole batch with weight 0,
+                # so that DDP's collectives stay in step; its gradient contribution is zero.
+                own = hi > lo
+                xb, yb = (xg[lo:hi], y_train[idx][lo:hi]) if own else (xg, y_train[idx])
+                xb, yb = xb.to(device=device, dtype=in_dtype), yb.to(device)
+                opt.zero_grad(set_to_none=True)
+                out = net(xb)
+                loss_sum = F.cross_entropy(out, yb, reduction="sum")
+                (loss_sum * (world / len(idx) if own else 0.0)).backward()  # DDP averages: the global mean
+                opt.step()
+                if own:
+                    total_loss += float(loss_sum.detach())
+                    correct += int((out.argmax(1) == yb).sum())
+                    seen += len(yb)
+            if ddp:
+                total_loss, correct, seen = distributed.all_reduce_sum([total_loss, correct, seen])
+                correct, seen = int(round(correct)), int(round(seen))
+            model.eval()
+            record = {"epoch": epoch + 1, "loss": total_loss / seen, "train_acc": correct / seen,
+                      "val_acc": accuracy(model, x_val, y_val) if x_val is not None else None,
+                      "seconds": round(time.time() - t0, 3)}
+            history.append(record)
+            val_txt = f" val_acc {record['val_acc']:.4f}" if record["val_acc"] is not None else ""
+            write(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f} "
+                  f"train_acc {record['train_acc']:.4f}{val_txt} ({record['seconds']:.1f}s)")
+            clf.meta.update({"epoch": epoch + 1, "complete": epoch + 1 == config.epochs, "history": history})
+            if out_dir is not None:  # written by rank 0 only (every process updates clf.meta alike)
+                _save_state(Path(out_dir), clf, opt)
+    finally:
+        if restore is not None:
+            restore()  # the plain model (BatchNorm, not SyncBatchNorm), holding the trained weights
+            net = None
+            gc.collect()  # free the DDP wrapper (and the gradient buckets it holds) now, not at exit
     model.eval()
     return clf
+
+
+def _silent(_line: str) -> None:
+    """The epoch log of processes other than rank 0."""
 
 
 def _as_inputs(part, preprocessing: Preprocessing | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,10 +347,13 @@ def _save_state(out_dir: Path, clf: Classifier, opt: torch.optim.Optimizer) -> N
     # epoch. Until then the other slot keeps the previous epoch's state, so a crash at any
     # point leaves weights and optimizer state of the same epoch on disk.
     save_tensors(out_dir, _state_stem(epoch), tensors, {"optimizer": rest, "epoch": epoch}, TRAIN_STATE_FORMAT)
-    clf.save(out_dir)
+    clf.save(out_dir)  # save_tensors and clf.save write on rank 0 only
+    if not distributed.is_main():
+        return
     for stem in (_state_stem(epoch + 1), "train_state"):  # the previous slot; the single file of older versions
         for suffix in (".json", ".safetensors", ".safetensors.pending"):
             (out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
+        remove_stale_temporaries(out_dir, stem)  # of a write killed before its rename
 
 
 def _load_resume_state(out_dir: Path, model: nn.Module, opt, identity: dict, device) -> tuple[int, list]:

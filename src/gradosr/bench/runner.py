@@ -10,6 +10,12 @@ Layout of ``--out``:
 
 ``results.json`` is rewritten after every split, so an interrupted benchmark keeps
 what it finished.
+
+Under torchrun every process runs the same loop: training is DistributedDataParallel and
+extraction and scoring are sharded (:mod:`gradosr.distributed`); rank 0 alone writes,
+decides what the stored runs and caches hold (every process follows its decision), and
+prints. ``--out`` must be on a filesystem that every process reads (one shared folder
+when the processes run on several machines).
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from gradosr import distributed
 from gradosr.checkpoint import FORMAT_VERSION, atomic_write_json, load_tensors, read_json, save_tensors
 from gradosr.data.protocols import load_protocol, resolve_protocol
 from gradosr.errors import CheckpointError, ConfigError
-from gradosr.evaluate import SplitScores, available_methods, score_split, split_records
+from gradosr.evaluate import SplitScores, available_methods, preset_dir, score_split, split_records
 from gradosr.evaluation import results_document
+from gradosr.progress import progress_bar
 from gradosr.train import default_train_config, identity_mismatch
 
 SCORES_FORMAT = "gradosr.scores"
@@ -49,7 +56,8 @@ class BenchmarkSettings:
         methods: method ids, or ``["all"]``.
         train_overrides: training options that differ from the dataset's defaults.
         seed: training seed of the standard protocols.
-        preset, method_options: the GradientOSR preset and its options.
+        preset, method_options: ``method_options`` apply to this GradientOSR preset
+            (the ``--preset`` flag); methods may list several presets.
     """
 
     protocol: str
@@ -59,7 +67,7 @@ class BenchmarkSettings:
     protocol_args: dict = field(default_factory=dict)
     train_overrides: dict = field(default_factory=dict)
     seed: int = 0
-    preset: str = "paper"
+    preset: str = "plus"
     method_options: dict = field(default_factory=dict)
     data_dir: str | None = None
     device: str | torch.device = "cpu"
@@ -73,19 +81,27 @@ def _scores_key(parts: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _cache(folder: Path, identity: dict) -> Callable[[str, Callable[[], SplitScores]], SplitScores]:
-    """A cache of SplitScores in ``folder`` keyed by ``identity`` plus the method id."""
+def _cache(folder: Path, identity: dict, methods_identity: dict | None = None
+           ) -> Callable[[str, Callable[[], SplitScores]], SplitScores]:
+    """A cache of SplitScores in ``folder`` keyed by ``identity`` plus the method id and,
+    for a GradientOSR preset, ``methods_identity[method]`` (its detector and config)."""
 
     def cached(method: str, compute: Callable[[], SplitScores]) -> SplitScores:
-        key = _scores_key({**identity, "method": method})
+        key = _scores_key({**identity, **(methods_identity or {}).get(method, {}), "method": method})
+        hit = None
         if (folder / f"{method}.json").is_file():
             try:
                 tensors, meta = load_tensors(folder, method, SCORES_FORMAT)
                 if meta.get("key") == key:
-                    return SplitScores(tensors["test"].numpy(), tensors["val"].numpy(), meta["threshold"],
-                                       meta["threshold_rule"], meta["params"], meta["seconds"])
+                    hit = SplitScores(tensors["test"].numpy(), tensors["val"].numpy(), meta["threshold"],
+                                      meta["threshold_rule"], meta["params"], meta["seconds"])
             except CheckpointError:
                 pass  # a corrupt or foreign cache entry is recomputed
+        if distributed.agree(hit is not None):  # rank 0 decides: compute() is collective
+            if hit is None:
+                raise CheckpointError(f"{folder / method}.json: the cache entry rank 0 reads is not readable here; "
+                                      "--out must be one folder shared by every process")
+            return hit
         s = compute()
         save_tensors(folder, method, {"test": torch.as_tensor(np.asarray(s.test, np.float64)),
                                       "val": torch.as_tensor(np.asarray(s.val, np.float64))},
@@ -97,24 +113,30 @@ def _cache(folder: Path, identity: dict) -> Callable[[str, Callable[[], SplitSco
 
 
 def _fitted_osr(data, settings: BenchmarkSettings, config, run_dir: Path, methods: list[str]):
-    """(classifier, GradientOSR or None) of one split, trained or reused."""
-    from gradosr.osr import GradientOSR, make_config
+    """(classifier, {preset: GradientOSR}) of one split, trained or reused.
+
+    The classifier lives in ``run_dir/classifier``; the ``paper`` preset's method in
+    ``run_dir``, every other preset's in ``run_dir/<preset>`` (all on that classifier).
+    ``settings.method_options`` apply to ``settings.preset`` only."""
+    from gradosr.osr import PRESETS, GradientOSR, make_config
     from gradosr.runs import ensure_classifier
 
     progress = settings.progress
-    if settings.preset not in methods:
-        clf, _ = ensure_classifier(data, config, run_dir / "classifier", device=settings.device, progress=progress)
-        return clf, None
-    wanted = make_config(settings.preset, **settings.method_options)
-    if (run_dir / "osr.json").is_file():
-        stored = read_json(run_dir / "osr.json")
-        if identity_mismatch(stored, {"config": wanted.to_dict(), "train": config.to_dict()}) is None:
-            osr = GradientOSR.load(run_dir, device=settings.device)
-            return osr.classifier, osr
-    osr = GradientOSR(settings.preset, train_config=config, device=settings.device, progress=progress,
-                      seed=config.seed, **settings.method_options)
-    osr.fit(data, run_dir=run_dir)
-    return osr.classifier, osr
+    clf, _ = ensure_classifier(data, config, run_dir / "classifier", device=settings.device, progress=progress)
+    fitted = {}
+    for preset in [m for m in methods if m in PRESETS]:
+        options = settings.method_options if preset == settings.preset else {}
+        folder = preset_dir(run_dir, preset)
+        wanted = make_config(preset, **options)
+        reuse = (folder / "osr.json").is_file() and identity_mismatch(
+            read_json(folder / "osr.json"), {"config": wanted.to_dict(), "train": config.to_dict()}) is None
+        if distributed.agree(reuse):  # rank 0 decides: fitting is collective
+            fitted[preset] = GradientOSR.load(folder, device=settings.device)
+            continue
+        osr = GradientOSR(preset, classifier=clf, train_config=config, device=settings.device, progress=progress,
+                          seed=config.seed, **options)
+        fitted[preset] = osr.fit(data, run_dir=folder)
+    return clf, fitted
 
 
 def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = print) -> dict:
@@ -128,25 +150,26 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     splits_info = []
     t_start = time.time()
     methods = settings.methods
-    bad = [m for m in methods if m != "all" and m not in available_methods(settings.preset)]
+    bad = [m for m in methods if m != "all" and m not in available_methods()]
     if bad:
-        raise ConfigError(f"unknown methods {bad}; available: all, {', '.join(available_methods(settings.preset))}")
-    for split in tqdm(settings.splits, desc="splits", disable=not settings.progress, unit="split"):
+        raise ConfigError(f"unknown methods {bad}; available: all, {', '.join(available_methods())}")
+    for split in progress_bar(settings.splits, desc="splits", disable=not settings.progress, unit="split"):
         t0 = time.time()
         spec = resolve_protocol(settings.protocol, split=split, **settings.protocol_args)
         seed = spec.seed if spec.name in ("cross", "custom") else settings.seed
         config = default_train_config(spec.dataset, **{**settings.train_overrides, "seed": seed})
         data = load_protocol(spec, settings.data_dir)
         run_dir = out / "runs" / f"split{split}"
-        split_methods = available_methods(settings.preset) if "all" in methods else list(methods)
-        clf, osr = _fitted_osr(data, settings, config, run_dir, split_methods)
+        split_methods = available_methods() if "all" in methods else list(methods)
+        clf, fitted = _fitted_osr(data, settings, config, run_dir, split_methods)
+        distributed.barrier()  # rank 0 has written the run folder that every process reads next
         identity = {"classifier": read_json(run_dir / "classifier" / "model.json")["sha256"],
                     "protocol": spec.to_dict()}
-        if osr is not None:
-            identity["detector"] = read_json(run_dir / "detector" / "detector.json")["sha256"]
-            identity["method_config"] = osr.config.to_dict()
-        y_true, closed_pred, scores = score_split(clf, data, split_methods, osr, settings.progress,
-                                                  cache=_cache(out / "cache" / f"split{split}", identity))
+        methods_identity = {p: {"detector": read_json(preset_dir(run_dir, p) / "detector" / "detector.json")["sha256"],
+                                "method_config": osr.config.to_dict()} for p, osr in fitted.items()}
+        y_true, closed_pred, scores = score_split(clf, data, split_methods, fitted, settings.progress,
+                                                  cache=_cache(out / "cache" / f"split{split}", identity,
+                                                               methods_identity))
         recs = split_records(spec, y_true, closed_pred, scores)
         records.extend(recs)
         all_scores[split] = {"y_true": y_true, "closed_pred": closed_pred, "scores": scores}
@@ -155,13 +178,16 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
         doc = _document(settings, records, splits_info, scores, time.time() - t_start)
         atomic_write_json(out / "results.json", doc)
         best = max(recs, key=lambda r: r["auroc"])
-        log(f"{spec.label}: closed-set acc {recs[0]['closed_acc']:.4f}; best AUROC {best['method']} "
-            f"{best['auroc']:.4f} ({time.time() - t0:.1f}s)")
+        if distributed.is_main():
+            log(f"{spec.label}: closed-set acc {recs[0]['closed_acc']:.4f}; best AUROC {best['method']} "
+                f"{best['auroc']:.4f} ({time.time() - t0:.1f}s)")
     doc = _document(settings, records, splits_info, scores, time.time() - t_start)
-    atomic_write_json(out / "results.json", doc)
-    write_csv(out / "results.csv", records)
-    write_markdown(out / "results.md", doc)
-    write_plots(out / "plots", all_scores)
+    if distributed.is_main():
+        atomic_write_json(out / "results.json", doc)
+        write_csv(out / "results.csv", records)
+        write_markdown(out / "results.md", doc)
+        write_plots(out / "plots", all_scores)
+    distributed.barrier()  # the results are on disk before any process returns
     return doc
 
 

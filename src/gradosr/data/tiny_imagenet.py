@@ -72,10 +72,10 @@ def decode_image(path: Path) -> np.ndarray:
 
 
 def _decode_all(paths: list[Path], desc: str) -> np.ndarray:
-    from tqdm import tqdm
+    from gradosr.progress import progress_bar
 
     out = np.empty((len(paths), SIZE, SIZE, 3), dtype=np.uint8)
-    for i, path in enumerate(tqdm(paths, desc=desc, unit="img", disable=None, leave=False)):
+    for i, path in enumerate(progress_bar(paths, desc=desc, unit="img", disable=None, leave=False)):
         out[i] = decode_image(path)
     return out
 

@@ -1,0 +1,248 @@
+"""``gradosr ablate``: vary one choice at a time from the ``paper`` and ``plus`` presets.
+
+Every variant is a :class:`gradosr.osr.GradientOSR` preset plus options, fitted on the
+same closed-set classifier of each split (proxy classifiers are trained once per split
+and proxy-unknown set and shared between variants), and evaluated like ``gradosr
+benchmark`` (DESIGN.md §8 metrics). Tuning discipline (docs/ablation.md): choices are
+made on the mnist-sample splits only, never on unknown test classes of the protocols the
+results are reported on.
+
+Layout of ``--out``: ``runs/split<S>/classifier`` (trained or reused),
+``runs/split<S>/proxy-<labels>`` (proxy classifiers, reused), ``results.json`` (schema 1,
+``method`` = variant name, rewritten after every variant; an interrupted ablation
+resumes from it) and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from gradosr.checkpoint import atomic_write_text, atomic_write_json
+from gradosr.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration: ``preset`` plus ``options`` (make_config keywords)."""
+
+    name: str
+    preset: str
+    options: dict
+    change: str
+    cite: str = ""
+
+
+def _params_last(k: int) -> Callable:
+    """Parameter selection: the parameters of the last ``k`` modules that own parameters."""
+    def select(model):
+        owners = [name for name, m in model.named_modules() if list(m.parameters(recurse=False))]
+        keep = set(owners[-k:])
+        return tuple(n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] in keep)
+    return select
+
+
+#: variants, by family; the first of each family is its base
+VARIANTS: list[Variant] = [
+    Variant("paper", "paper", {}, "the paper as stated (DESIGN.md §2)", "Lee & AlRegib, ICIP 2021"),
+    Variant("paper-sigmoid", "paper", {"output": "sigmoid"}, "sigmoid instead of softmax outputs in the confounding loss"),
+    Variant("paper-n2", "paper", {"n_ones": 2}, "confounding label with n = 2 ones (at the 2 largest logits)"),
+    Variant("paper-n0", "paper", {"n_ones": 0}, "confounding label with n = 0 ones"),
+    Variant("paper-predicted", "paper", {"target": "predicted"}, "target: the predicted label"),
+    Variant("paper-uniform", "paper", {"target": "uniform"},
+            "target: uniform (GradNorm's; with softmax and n = N the same gradients up to a factor N)",
+            "Huang et al., NeurIPS 2021"),
+    Variant("paper-head", "paper", {"params": "last1"}, "parameters: the head only"),
+    Variant("paper-last2", "paper", {"params": "last2"}, "parameters: the last 2 layers"),
+    Variant("paper-nolog", "paper", {"log": False}, "reduction: squared norms without the log"),
+    Variant("paper-own", "paper", {"standardize": "own"},
+            "standardise each classifier's features with its own held-out known statistics"),
+    Variant("paper-heldout", "paper", {"detector_data": "heldout"},
+            "held-out (not training) proxy-known images for the detector"),
+    Variant("paper-pu1", "paper", {"proxy_unknown": 1}, "1 proxy-unknown class (default round(K/3))"),
+    Variant("paper-pu3", "paper", {"proxy_unknown": 3}, "3 proxy-unknown classes"),
+    Variant("paper-h32", "paper", {"hidden": 32}, "detector width 32 (default 128)"),
+    Variant("paper-h512", "paper", {"hidden": 512}, "detector width 512"),
+    Variant("paper-wd1e-2", "paper", {"weight_decay": 1e-2}, "detector weight decay 1e-2 (default 1e-4)"),
+    Variant("paper-tpr", "paper", {"threshold_rule": "tpr"},
+            "threshold accepting 95% of held-out knowns instead of P(known) >= 0.95 (macro-F1 only)"),
+    Variant("plus", "plus", {}, "kNN on the head's confounding gradient + kNN on features + max logit",
+            "Sun et al., ICML 2022; Vaze et al., ICLR 2022"),
+    Variant("plus-no-gradient", "plus", {"signals": ("features", "max_logit")}, "without the gradient signal"),
+    Variant("plus-no-features", "plus", {"signals": ("gradient", "max_logit")}, "without the feature kNN"),
+    Variant("plus-no-logit", "plus", {"signals": ("gradient", "features")}, "without the max logit"),
+    Variant("plus-gradient-only", "plus", {"signals": ("gradient",)}, "the gradient signal alone"),
+    Variant("plus-norms", "plus", {"gradient_rep": "norms"},
+            "gradient signal: kNN on standardised log per-parameter squared norms (Eq. 1) of the final classifier"),
+    Variant("plus-gradnorm", "plus", {"signals": ("gradnorm", "features", "max_logit")},
+            "GradNorm's head-gradient L1 norm in place of the gradient kNN", "Huang et al., NeurIPS 2021"),
+    Variant("plus-predicted", "plus", {"target": "predicted"}, "head gradient of the predicted-label loss"),
+    Variant("plus-n2", "plus", {"n_ones": 2}, "head gradient of a confounding label with n = 2"),
+    Variant("plus-sigmoid", "plus", {"output": "sigmoid"}, "head gradient of the sigmoid confounding loss"),
+    Variant("plus-k10", "plus", {"k": 10}, "k = 10 instead of 50"),
+]
+VARIANT_NAMES = [v.name for v in VARIANTS]
+
+
+@dataclass
+class AblationSettings:
+    protocol: str
+    splits: list[int]
+    variants: list[str]
+    out: Path
+    protocol_args: dict = field(default_factory=dict)
+    train_overrides: dict = field(default_factory=dict)
+    seed: int = 0
+    data_dir: str | None = None
+    device: str = "cpu"
+    progress: bool = True
+    command: str = ""
+
+
+def select_variants(names: list[str]) -> list[Variant]:
+    """The variants named (``all``: every one; a family name such as ``plus*``)."""
+    if not names or "all" in names:
+        return list(VARIANTS)
+    chosen = []
+    for name in names:
+        if name.endswith("*"):
+            hits = [v for v in VARIANTS if v.name.startswith(name[:-1])]
+        else:
+            hits = [v for v in VARIANTS if v.name == name]
+        if not hits:
+            raise ConfigError(f"unknown variant {name!r}; available: all, {', '.join(VARIANT_NAMES)}")
+        chosen += [v for v in hits if v not in chosen]
+    return chosen
+
+
+def _options(variant: Variant, model) -> dict:
+    opts = dict(variant.options)
+    if isinstance(opts.get("params"), str):  # "last<k>": resolved on the classifier
+        opts["params"] = _params_last(int(opts["params"][4:]))(model)
+    return opts
+
+
+def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print) -> dict:
+    """Fit and evaluate every variant on every split; returns the results document."""
+    from gradosr.data.protocols import load_protocol, resolve_protocol
+    from gradosr.evaluate import test_images, test_labels
+    from gradosr.evaluation import results_document, results_record
+    from gradosr.osr import GradientOSR
+    from gradosr.progress import progress_bar
+    from gradosr.runs import ensure_classifier
+    from gradosr.train import default_train_config
+
+    variants = select_variants(settings.variants)
+    out = Path(settings.out)
+    records: list[dict] = []
+    t_start = time.time()
+    done = _finished(out / "results.json", settings)
+    for split in settings.splits:
+        spec = resolve_protocol(settings.protocol, split=split, **settings.protocol_args)
+        seed = spec.seed if spec.name in ("cross", "custom") else settings.seed
+        config = default_train_config(spec.dataset, **{**settings.train_overrides, "seed": seed})
+        data = load_protocol(spec, settings.data_dir)
+        clf, _ = ensure_classifier(data, config, out / "runs" / f"split{split}" / "classifier",
+                                   device=settings.device, progress=settings.progress)
+        x_test, x_val = clf.inputs(test_images(data)), clf.inputs(data.val.images)
+        y_true = test_labels(data)
+        closed = clf.logits(x_test).argmax(1).numpy()
+        proxies: dict = {}
+        for v in progress_bar(variants, desc=f"split {split}", disable=not settings.progress, unit="variant"):
+            if (v.name, split) in done:  # an interrupted ablation resumes where it stopped
+                records.append(done[(v.name, split)])
+                continue
+            t0 = time.time()
+            osr = GradientOSR(v.preset, classifier=clf, train_config=config, device=settings.device,
+                              seed=config.seed, **_options(v, clf.model))
+            osr.proxy_cache, osr.proxy_root = proxies, out / "runs" / f"split{split}"
+            osr.fit(data)
+            rule = (f"fixed-{osr.threshold_:g}" if osr.config.threshold_rule == "fixed"
+                    else f"tpr{osr.config.target_tpr:g}-val")
+            rec = results_record(v.name, split, y_true, closed, osr.score_samples(x_test), osr.score_samples(x_val),
+                                 spec.num_known, osr.threshold_, rule)
+            rec["seconds"] = round(time.time() - t0, 3)
+            rec["config"] = osr.config.to_dict()
+            records.append(rec)
+            atomic_write_json(out / "results.json", _document(settings, records, variants, time.time() - t_start))
+        doc = _document(settings, records, variants, time.time() - t_start)
+        atomic_write_json(out / "results.json", doc)
+        log(f"{spec.label}: {len(variants)} variants ({time.time() - t_start:.0f}s so far)")
+    doc = _document(settings, records, variants, time.time() - t_start)
+    atomic_write_json(out / "results.json", doc)
+    atomic_write_text(out / "results.md", markdown(doc))
+    return doc
+
+
+def _finished(path: Path, settings: AblationSettings) -> dict:
+    """Records of an earlier run of the same ablation in ``path``, by (variant, split):
+    reused only when the protocol and training options match and the variant's config
+    is unchanged."""
+    from gradosr.checkpoint import read_json
+    from gradosr.errors import CheckpointError
+
+    if not path.is_file():
+        return {}
+    try:
+        doc = read_json(path)
+    except CheckpointError:
+        return {}
+    same = (doc.get("protocol") == settings.protocol and doc.get("protocol_args") == settings.protocol_args
+            and doc.get("train_overrides", {}) == settings.train_overrides and doc.get("seed", 0) == settings.seed)
+    if not same:
+        return {}
+    from gradosr.osr import make_config
+
+    found = {}
+    for rec in doc.get("results", []):
+        v = next((v for v in VARIANTS if v.name == rec.get("method")), None)
+        if v is None or "params" in v.options:
+            continue  # parameter selections resolve on the model; recomputed
+        if rec.get("config") == make_config(v.preset, **v.options).to_dict():
+            found[(v.name, rec["split"])] = rec
+    return found
+
+
+def _document(settings: AblationSettings, records: list[dict], variants: list[Variant], seconds: float) -> dict:
+    from gradosr.evaluation import results_document
+
+    return results_document(settings.command, records, {
+        "protocol": settings.protocol, "protocol_args": settings.protocol_args,
+        "train_overrides": settings.train_overrides, "seed": settings.seed,
+        "splits": sorted({r["split"] for r in records}),
+        "variants": [{"name": v.name, "preset": v.preset, "options": {k: (list(x) if isinstance(x, tuple) else x)
+                                                                      for k, x in v.options.items()},
+                      "change": v.change, "cite": v.cite} for v in variants],
+        "seconds": round(seconds, 2),
+    })
+
+
+def markdown(doc: dict) -> str:
+    """The ablation table: one row per variant, mean ± std over splits, and the change of
+    mean AUROC against the base of its family (``paper`` or ``plus``)."""
+    summary = doc["summary"]
+    info = {v["name"]: v for v in doc.get("variants", [])}
+    lines = [f"# Ablation: {doc.get('protocol')}", "", f"Command: `{doc['command']}`", "",
+             f"Mean ± std (population) over splits {doc.get('splits')}. ΔAUROC: against the base of the "
+             "family (`paper` or `plus`) on the same classifiers. `macro-F1` at the variant's own threshold "
+             "rule, `macro-F1@TPR95` at 95% acceptance of held-out knowns.", "",
+             "| variant | change | AUROC | ΔAUROC | macro-F1@TPR95 | macro-F1 | FPR@95TPR |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(name, metric):
+        s = summary[name][metric]
+        return f"{s['mean']:.3f} ± {s['std']:.3f}"
+
+    for name, stats in summary.items():
+        base = info.get(name, {}).get("preset", "paper")
+        delta = stats["auroc"]["mean"] - summary[base]["auroc"]["mean"] if base in summary else float("nan")
+        change = info.get(name, {}).get("change", "")
+        cite = info.get(name, {}).get("cite", "")
+        lines.append(f"| {name} | {change}{f' ({cite})' if cite else ''} | {cell(name, 'auroc')} | "
+                     f"{'—' if name == base else f'{delta:+.3f}'} | {cell(name, 'macro_f1_tpr95')} | "
+                     f"{cell(name, 'macro_f1')} | {cell(name, 'fpr95')} |")
+    return "\n".join(lines) + "\n"

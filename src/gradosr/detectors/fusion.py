@@ -1,0 +1,199 @@
+"""Score fusion: the unknown detector of the ``plus`` preset.
+
+The ``paper`` preset (Lee & AlRegib, ICIP 2021) learns an MLP on the gradient
+representations of a *proxy* classifier and applies it to the final classifier's. The
+``plus`` preset instead models the *final* classifier's known training samples directly
+(one-class, as kNN does: Sun et al., "Out-of-Distribution Detection with Deep Nearest
+Neighbors", ICML 2022) and adds up several standardised signals:
+
+- ``gradient``: kNN in gradient space. With ``gradient_rep="head"`` the representation is
+  the full per-sample gradient of the confounding-label loss with respect to the head's
+  weight, dJ/dW = g hᵀ (g = dJ/dz, K; h the head input, D), L2-normalised. Its cosine
+  similarity factorises, cos(g₁h₁ᵀ, g₂h₂ᵀ) = cos(g₁, g₂)·cos(h₁, h₂), so the K×D gradient
+  is never materialised. ``gradient_rep="norms"`` uses the log per-parameter squared
+  gradient norms of the paper's Eq. 1 instead, standardised with held-out known
+  statistics, with Euclidean kNN.
+- ``features``: kNN on L2-normalised penultimate features (Sun et al., 2022);
+- ``max_logit``: the maximum logit (Vaze et al., ICLR 2022);
+- ``gradnorm``: log ‖dJ/dW‖₁ of the head under the uniform target (Huang et al.,
+  NeurIPS 2021; higher = known), for ablations.
+
+Each signal's raw score s (higher = known) is standardised with the mean and standard
+deviation of its scores on held-out known samples (the validation split, never
+unknowns), and the detector score is the sum of the standardised signals. kNN uses the
+k-th nearest training sample, k = min(``k``, the smallest class's training count).
+
+Inputs are "views" of N samples (float64 tensors): ``logits`` N×K, ``features`` N×D,
+``g`` N×K (the logit gradient of the configured target), ``g_uniform`` N×K (the
+uniform target's, for ``gradnorm``) and, for ``gradient_rep="norms"``, ``norms`` N×P.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from gradosr.errors import CheckpointError, ConfigError, DataError
+from gradosr.gradients.targets import per_sample_loss
+
+SIGNALS = ("gradient", "features", "max_logit", "gradnorm")
+GRADIENT_REPS = ("head", "norms")
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Which signals are summed (see the module docstring), the gradient representation
+    and the largest k of the kNN signals."""
+
+    signals: tuple[str, ...] = ("gradient", "features", "max_logit")
+    gradient_rep: str = "head"
+    k: int = 50
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signals", tuple(self.signals))
+        bad = [s for s in self.signals if s not in SIGNALS]
+        if bad or not self.signals or len(set(self.signals)) != len(self.signals):
+            raise ConfigError(f"signals must be distinct names among {SIGNALS}, got {list(self.signals)}")
+        if self.gradient_rep not in GRADIENT_REPS:
+            raise ConfigError(f"gradient_rep must be one of {GRADIENT_REPS}, got {self.gradient_rep!r}")
+        if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
+            raise ConfigError(f"k must be a positive integer, got {self.k!r}")
+
+
+def logit_gradient(logits: torch.Tensor, target: str = "confounding", n_ones: int | None = None,
+                   output: str = "softmax") -> torch.Tensor:
+    """g = dJ/dz (float64 N×K) of the per-sample loss J of ``target`` at logits N×K.
+
+    The head's weight gradient of a sample is g hᵀ (exact: z = W h + b)."""
+    z = torch.as_tensor(logits).detach().to(torch.float64).requires_grad_(True)
+    if len(z) == 0:
+        return torch.zeros_like(z, requires_grad=False)
+    (g,) = torch.autograd.grad(per_sample_loss(z, target=target, n_ones=n_ones, output=output).sum(), z)
+    return g
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(x).to(torch.float64)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(_EPS)
+
+
+def kth_neighbour_distance(query: list[torch.Tensor], bank: list[torch.Tensor], k: int,
+                           euclidean: bool = False, chunk_size: int | None = None) -> torch.Tensor:
+    """Distance (float64 N) of each query to its k-th nearest bank row.
+
+    ``query``/``bank``: lists of factors (N×d_i / M×d_i). Cosine mode (default): every
+    factor is L2-normalised, the similarity is the product of the factors' cosines (the
+    cosine of their outer product) and the distance sqrt(2 − 2 sim). Euclidean mode: one
+    factor, plain Euclidean distance. Exact; chunking does not change the result."""
+    m = len(bank[0])
+    if m < k:
+        raise DataError(f"kNN needs at least k={k} training samples, got {m}")
+    n = len(query[0])
+    out = torch.empty(n, dtype=torch.float64)
+    chunk = chunk_size or max(1, (1 << 22) // max(1, m))
+    for start in range(0, n, chunk):
+        if euclidean:
+            d = torch.cdist(query[0][start:start + chunk], bank[0])
+        else:
+            sim = None
+            for q, b in zip(query, bank):
+                s = q[start:start + chunk] @ b.T
+                sim = s if sim is None else sim * s
+            d = (2.0 - 2.0 * sim).clamp_min(0.0).sqrt()
+        out[start:start + chunk] = torch.topk(d, k, dim=1, largest=False, sorted=True).values[:, -1]
+    return out
+
+
+class FusionDetector:
+    """Sum of standardised one-class signals of the final classifier (``plus`` preset).
+
+    ``fit(train, labels, val)``: views of known training samples (labels 0..K-1) and of
+    held-out knowns; ``score_samples(views)``: float64 N, higher = more likely known;
+    ``signal_scores(views)``: the raw score of every signal (dict of float64 N).
+    """
+
+    def __init__(self, config: FusionConfig | None = None):
+        self.config = config or FusionConfig()
+        self.banks: dict[str, list[torch.Tensor]] = {}
+        self.stats: dict[str, tuple[float, float]] = {}
+        self.k_: int | None = None
+
+    # ------------------------------------------------------------------ views
+    def _factors(self, signal: str, views: dict) -> list[torch.Tensor]:
+        if signal == "features":
+            return [_unit(views["features"])]
+        if self.config.gradient_rep == "head":
+            return [_unit(views["g"]), _unit(views["features"])]
+        return [torch.as_tensor(views["norms"]).to(torch.float64)]
+
+    def _raw(self, signal: str, views: dict) -> torch.Tensor:
+        if signal == "max_logit":
+            return torch.as_tensor(views["logits"]).to(torch.float64).max(dim=1).values
+        if signal == "gradnorm":
+            g = torch.as_tensor(views["g_uniform"]).to(torch.float64)
+            h = torch.as_tensor(views["features"]).to(torch.float64)
+            # GradNorm: ‖g hᵀ‖₁ = ‖g‖₁ ‖h‖₁ (higher = known), on a log scale
+            return torch.log((g.abs().sum(1) * h.abs().sum(1)).clamp_min(1e-300))
+        euclid = signal == "gradient" and self.config.gradient_rep == "norms"
+        return -kth_neighbour_distance(self._factors(signal, views), self.banks[signal], self.k_, euclidean=euclid)
+
+    # -------------------------------------------------------------- fit/score
+    def fit(self, train: dict, labels: np.ndarray, val: dict) -> "FusionDetector":
+        y = np.asarray(labels, dtype=np.int64)
+        k_classes = int(torch.as_tensor(train["logits"]).shape[1])
+        counts = np.bincount(y, minlength=k_classes)
+        if counts.min() < 1:
+            raise DataError(f"known classes {np.flatnonzero(counts == 0).tolist()} have no training samples")
+        if len(torch.as_tensor(val["logits"])) < 2:
+            raise DataError("the fused detector needs at least 2 held-out known samples")
+        self.k_ = int(min(self.config.k, counts.min()))
+        self.banks = {s: self._factors(s, train) for s in self.config.signals if s in ("gradient", "features")}
+        self.stats = {}
+        for s in self.config.signals:
+            v = self._raw(s, val)
+            if not torch.isfinite(v).all():
+                raise DataError(f"the {s} signal of the held-out knowns is not finite")
+            self.stats[s] = (float(v.mean()), max(float(v.std(unbiased=False)), _EPS))
+        return self
+
+    def signal_scores(self, views: dict) -> dict[str, np.ndarray]:
+        if self.k_ is None:
+            raise ConfigError("the fused detector is not fitted")
+        return {s: self._raw(s, views).numpy() for s in self.config.signals}
+
+    def score_samples(self, views: dict) -> np.ndarray:
+        raw = self.signal_scores(views)
+        n = len(torch.as_tensor(views["logits"]))
+        total = np.zeros(n)
+        for s, r in raw.items():
+            mean, std = self.stats[s]
+            total += (r - mean) / std
+        return total
+
+    # ------------------------------------------------------------ persistence
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        if self.k_ is None:
+            raise ConfigError("the fused detector is not fitted")
+        tensors = {f"bank.{s}.{i}": t.contiguous() for s, parts in self.banks.items() for i, t in enumerate(parts)}
+        meta = {"kind": "fusion", "config": {**asdict(self.config), "signals": list(self.config.signals)},
+                "k": self.k_, "stats": {s: list(v) for s, v in self.stats.items()}}
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "FusionDetector":
+        try:
+            det = cls(FusionConfig(**meta["config"]))
+            det.k_ = int(meta["k"])
+            det.stats = {s: (float(v[0]), float(v[1])) for s, v in meta["stats"].items()}
+            for s in det.config.signals:
+                if s in ("gradient", "features"):
+                    n_parts = 2 if (s == "gradient" and det.config.gradient_rep == "head") else 1
+                    det.banks[s] = [tensors[f"bank.{s}.{i}"].to(torch.float64) for i in range(n_parts)]
+                if s not in det.stats:
+                    raise KeyError(f"stats of {s}")
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CheckpointError(f"the fused detector's files are incomplete: {exc}") from None
+        return det
