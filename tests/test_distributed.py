@@ -257,7 +257,6 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import faulthandler; faulthandler.enable(all_threads=True)  # TEMP-DIAG
     device = distributed.init_distributed("cpu")
     try:
         assert device == torch.device("cpu") and distributed.world_size() == world and distributed.rank() == rank

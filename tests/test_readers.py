@@ -487,6 +487,6 @@ def test_cli_fit_evaluate_cifar10(tmp_path, capsys):
     assert code == 0, err
     doc = json.loads((run / "eval.json").read_text())
     methods = [r["method"] for r in doc["results"]]
-    assert "paper" in methods
+    assert methods == ["plus", "msp"]  # the default preset of fit, then msp
     for record in doc["results"]:
         assert 0.0 <= record["auroc"] <= 1.0 and 0.0 <= record["closed_acc"] <= 1.0

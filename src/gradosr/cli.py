@@ -327,7 +327,7 @@ def cmd_benchmark(args) -> int:
 def cmd_ablate(args) -> int:
     from gradosr.ablation import AblationSettings, run_ablation, select_variants
     from gradosr.data.protocols import parse_index_list
-    from gradosr.device import resolve_device
+    from gradosr.distributed import init_distributed
 
     if args.split is not None or args.split_seed is not None:
         raise ConfigError("ablate takes --splits (e.g. 0-4), not --split/--split-seed")
@@ -340,7 +340,7 @@ def cmd_ablate(args) -> int:
                                                      "unknown_dataset") if getattr(args, k) is not None},
         train_overrides={k: getattr(args, k) for k in ("model", "epochs", "batch_size", "optimizer", "lr",
                                                        "weight_decay", "image_size") if getattr(args, k) is not None},
-        seed=args.seed, data_dir=args.data_dir, device=resolve_device(args.device), progress=not args.no_progress,
+        seed=args.seed, data_dir=args.data_dir, device=init_distributed(args.device), progress=not args.no_progress,
         command=_command_line(args))
     run_ablation(settings)
     print(f"results written to {settings.out}/results.json and results.md")

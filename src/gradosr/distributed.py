@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextvars
 import gc
 import os
+import time
 import warnings
 from typing import Any, Callable
 
@@ -124,16 +125,19 @@ def init_distributed(device: str | torch.device | None = "auto") -> torch.device
 def shutdown_distributed(wait: bool = True) -> None:
     """Destroy the process group if :func:`init_distributed` created it.
 
-    First the garbage (DDP reducers, finished work objects holding tensors) is collected
-    while the group is alive: left to interpreter shutdown, gloo may abort the process
-    (SIGABRT, "terminate called without an active exception"). With ``wait`` (a command
-    that succeeded on this process) every process destroys the group together.
+    gloo's worker threads outlive the group and release each finished collective's work
+    (and its tensors, which needs the GIL) themselves; one still doing so when the
+    interpreter shuts down aborts the process (SIGABRT, "terminate called without an
+    active exception"). So the garbage (DDP reducers, work objects) is collected first,
+    the last collective is a tensor-free barrier (with ``wait``: a command that succeeded
+    on this process), and the GIL is released for a moment before returning.
     """
     if _OWNED["group"] and is_initialized():
         gc.collect()
         if wait:
             barrier()
         dist.destroy_process_group()
+        time.sleep(0.05)  # let gloo's threads drop their last work objects while Python is alive
     _OWNED["group"] = False
 
 
@@ -145,11 +149,16 @@ def comm_device() -> torch.device:
 
 
 def barrier() -> None:
-    """Wait until every process gets here (a no-op when not distributed)."""
-    if world_size() > 1:
+    """Wait until every process gets here (a no-op when not distributed). Also waits for
+    the collectives issued before it."""
+    if world_size() == 1:
+        return
+    if dist.get_backend() == "nccl":
         t = torch.zeros(1, device=comm_device())
         dist.all_reduce(t)
         t.item()  # the host waits for the collective (NCCL runs asynchronously)
+    else:
+        dist.barrier()
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
