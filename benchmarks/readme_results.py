@@ -21,12 +21,12 @@ from gradosr.bench.report import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = [
-    ("mnist-sample", "mnist-sample (5 standard splits, 6 known / 4 unknown digits)"),
-    ("fashion-mnist", "fashion-mnist (the same 5 class splits)"),
+    ("mnist-sample", "mnist-sample ({n} standard splits, 6 known / 4 unknown digits)"),
+    ("fashion-mnist", "fashion-mnist (the same {n} class splits)"),
     ("cross-mnist-sample-to-fashion-mnist",
-     "cross-dataset: all mnist-sample digits known, fashion-mnist unknowns 1:1 (5 seeds)"),
+     "cross-dataset: all mnist-sample digits known, fashion-mnist unknowns 1:1 ({n} seeds)"),
     ("cross-fashion-mnist-to-mnist-sample",
-     "cross-dataset: all fashion-mnist classes known, mnist-sample unknowns 1:1 (5 seeds)"),
+     "cross-dataset: all fashion-mnist classes known, mnist-sample unknowns 1:1 ({n} seeds)"),
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 TABLES_START, TABLES_END = "<!-- tables:start -->", "<!-- tables:end -->"
@@ -45,7 +45,7 @@ def section() -> str:
         if not path.is_file():
             continue
         doc = json.loads(path.read_text())
-        parts += [f"### {title}", "", f"`{doc['command'].replace(str(ROOT) + '/', '')}` ({doc.get('seconds', 0):.0f} s)", "",
+        parts += [f"### {title.format(n=len(doc.get('splits', [])))}", "", f"`{doc['command'].replace(str(ROOT) + '/', '')}` ({doc.get('seconds', 0):.0f} s)", "",
                   markdown_table(doc["summary"]), ""]
     return "\n".join(parts)
 
