@@ -246,9 +246,13 @@ def cmd_fit(args) -> int:
     osr = GradientOSR(args.preset, train_config=config, device=device, progress=not args.no_progress,
                       seed=args.seed, **options)
     osr.fit(data, run_dir=out)
+    if osr.config.method == "fusion":
+        detail = f"signals {', '.join(osr.config.fusion.signals)} (k = {osr.detector.k_})"
+    else:
+        detail = f"proxy unknowns (labels) {osr.proxy_unknown}, {len(osr.param_names)} gradient features"
     print(f"fitted {args.preset} in {time.time() - t0:.1f}s: classifier test accuracy "
-          f"{osr.classifier.meta.get('test_acc', float('nan')):.4f}, proxy unknowns (labels) {osr.proxy_unknown}, "
-          f"{len(osr.param_names)} gradient features, threshold {osr.threshold_:.4g}; saved in {out}")
+          f"{osr.classifier.meta.get('test_acc', float('nan')):.4f}, {detail}, threshold {osr.threshold_:.4g}; "
+          f"saved in {out}")
     return 0
 
 
