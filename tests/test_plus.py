@@ -173,3 +173,22 @@ def test_ablation_markdown_deltas():
                      {"name": "plus", "preset": "plus"}, {"name": "plus-no-gradient", "preset": "plus"}]}
     text = markdown(doc)
     assert "| paper-n2 |" in text and "-0.050" in text and "+0.030" in text
+
+
+def test_cli_ablate_writes_tables_and_resumes(tmp_path, capsys):
+    from gradosr.cli import main
+
+    out = tmp_path / "abl"
+    argv = ["ablate", "--protocol", "custom", "--dataset", "mnist-sample", "--known", "0,1,2", "--unknown", "3",
+            "--splits", "0", "--epochs", "1", "--variants", "plus,plus-no-gradient", "--out", str(out),
+            "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0, capsys.readouterr().err
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in doc["results"]] == ["plus", "plus-no-gradient"]
+    assert doc["results"][1]["config"]["fusion"]["signals"] == ["features", "max_logit"]
+    assert "| plus-no-gradient |" in (out / "results.md").read_text()
+    first = [r["auroc"] for r in doc["results"]]
+    assert main(argv) == 0  # the second run reuses the stored records
+    assert [r["auroc"] for r in json.loads((out / "results.json").read_text())["results"]] == first
+    assert main([a if a != "plus,plus-no-gradient" else "nope" for a in argv]) == 2
+    assert "unknown variant 'nope'" in capsys.readouterr().err

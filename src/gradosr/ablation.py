@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from gradosr.checkpoint import atomic_write_text, atomic_write_json
 from gradosr.errors import ConfigError
 
@@ -130,7 +128,7 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
     """Fit and evaluate every variant on every split; returns the results document."""
     from gradosr.data.protocols import load_protocol, resolve_protocol
     from gradosr.evaluate import test_images, test_labels
-    from gradosr.evaluation import results_document, results_record
+    from gradosr.evaluation import results_record
     from gradosr.osr import GradientOSR
     from gradosr.progress import progress_bar
     from gradosr.runs import ensure_classifier

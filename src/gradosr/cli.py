@@ -304,6 +304,18 @@ def cmd_predict(args) -> int:
     return 1 if failed else 0
 
 
+def _protocol_options(args) -> dict:
+    """The resolve_protocol options given besides --protocol (benchmark, ablate)."""
+    keys = ("dataset", "known", "unknown", "known_dataset", "unknown_dataset")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def _train_overrides(args) -> dict:
+    """The training options given on the command line (benchmark, ablate; the seed apart)."""
+    keys = ("model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "image_size")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
 def cmd_benchmark(args) -> int:
     from gradosr.bench import BenchmarkSettings, run_benchmark
     from gradosr.data.protocols import parse_index_list
@@ -316,10 +328,7 @@ def cmd_benchmark(args) -> int:
     settings = BenchmarkSettings(
         protocol=args.protocol, splits=parse_index_list(args.splits, "--splits"), methods=methods,
         out=_out_folder(args.out),
-        protocol_args={k: getattr(args, k) for k in ("dataset", "known", "unknown", "known_dataset",
-                                                     "unknown_dataset") if getattr(args, k) is not None},
-        train_overrides={k: getattr(args, k) for k in ("model", "epochs", "batch_size", "optimizer", "lr",
-                                                       "weight_decay", "image_size") if getattr(args, k) is not None},
+        protocol_args=_protocol_options(args), train_overrides=_train_overrides(args),
         seed=args.seed, preset=args.preset, method_options=_method_options(args), data_dir=args.data_dir,
         device=init_distributed(args.device), progress=not args.no_progress, command=_command_line(args))
     doc = run_benchmark(settings)
@@ -340,10 +349,7 @@ def cmd_ablate(args) -> int:
     settings = AblationSettings(
         protocol=args.protocol, splits=parse_index_list(args.splits, "--splits"), variants=names,
         out=_out_folder(args.out),
-        protocol_args={k: getattr(args, k) for k in ("dataset", "known", "unknown", "known_dataset",
-                                                     "unknown_dataset") if getattr(args, k) is not None},
-        train_overrides={k: getattr(args, k) for k in ("model", "epochs", "batch_size", "optimizer", "lr",
-                                                       "weight_decay", "image_size") if getattr(args, k) is not None},
+        protocol_args=_protocol_options(args), train_overrides=_train_overrides(args),
         seed=args.seed, data_dir=args.data_dir, device=init_distributed(args.device), progress=not args.no_progress,
         command=_command_line(args))
     run_ablation(settings)
