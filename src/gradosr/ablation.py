@@ -63,9 +63,16 @@ VARIANTS: list[Variant] = [
             "held-out (not training) proxy-known images for the detector"),
     Variant("paper-pu1", "paper", {"proxy_unknown": 1}, "1 proxy-unknown class (default round(K/3))"),
     Variant("paper-pu3", "paper", {"proxy_unknown": 3}, "3 proxy-unknown classes"),
+    Variant("paper-ensemble3", "paper", {"proxy_ensemble": 3},
+            "ensemble: mean P(known) of detectors on 3 distinct proxy splits (3 proxy classifiers)"),
     Variant("paper-h32", "paper", {"hidden": 32}, "detector width 32 (default 128)"),
     Variant("paper-h512", "paper", {"hidden": 512}, "detector width 512"),
     Variant("paper-wd1e-2", "paper", {"weight_decay": 1e-2}, "detector weight decay 1e-2 (default 1e-4)"),
+    Variant("paper-maxlogit", "paper", {"logit_inputs": ("max_logit",)},
+            "detector inputs: the max logit appended to the gradient features", "Vaze et al., ICLR 2022"),
+    Variant("paper-logits", "paper", {"logit_inputs": ("max_logit", "logsumexp", "max_softmax")},
+            "detector inputs: max logit, logsumexp and max softmax appended to the gradient features",
+            "Vaze et al., ICLR 2022; Liu et al., NeurIPS 2020; Hendrycks & Gimpel, ICLR 2017"),
     Variant("paper-tpr", "paper", {"threshold_rule": "tpr"},
             "threshold accepting 95% of held-out knowns instead of P(known) >= 0.95 (macro-F1 only)"),
     Variant("plus", "plus", {}, "kNN on the head's confounding gradient + kNN on features + max logit",
@@ -76,6 +83,13 @@ VARIANTS: list[Variant] = [
     Variant("plus-gradient-only", "plus", {"signals": ("gradient",)}, "the gradient signal alone"),
     Variant("plus-norms", "plus", {"gradient_rep": "norms"},
             "gradient signal: kNN on standardised log per-parameter squared norms (Eq. 1) of the final classifier"),
+    Variant("plus-projection", "plus", {"gradient_rep": "projection"},
+            "gradient signal: cosine kNN on a 16×16-per-layer random projection of the full gradient of every "
+            "Linear/Conv weight", "Choe et al., 2024 (LoGra); Park et al., ICML 2023 (TRAK)"),
+    Variant("plus-projection-only", "plus", {"gradient_rep": "projection", "signals": ("gradient",)},
+            "the projected full-gradient kNN alone", "Choe et al., 2024 (LoGra)"),
+    Variant("plus-gradorth", "plus", {"signals": ("gradorth", "features", "max_logit")},
+            "GradOrth's projected head-gradient norm in place of the gradient kNN", "Behpour et al., NeurIPS 2023"),
     Variant("plus-gradnorm", "plus", {"signals": ("gradnorm", "features", "max_logit")},
             "GradNorm's head-gradient L1 norm in place of the gradient kNN", "Huang et al., NeurIPS 2021"),
     Variant("plus-predicted", "plus", {"target": "predicted"}, "head gradient of the predicted-label loss"),
@@ -193,14 +207,18 @@ def _finished(path: Path, settings: AblationSettings) -> dict:
             and doc.get("train_overrides", {}) == settings.train_overrides and doc.get("seed", 0) == settings.seed)
     if not same:
         return {}
-    from gradosr.osr import make_config
+    from gradosr.osr import OSRConfig, make_config
 
     found = {}
     for rec in doc.get("results", []):
         v = next((v for v in VARIANTS if v.name == rec.get("method")), None)
         if v is None or "params" in v.options:
             continue  # parameter selections resolve on the model; recomputed
-        if rec.get("config") == make_config(v.preset, **v.options).to_dict():
+        try:  # options added since the record was written read as their defaults
+            stored = OSRConfig.from_dict(rec.get("config") or {}).to_dict()
+        except (CheckpointError, ConfigError):
+            continue
+        if stored == make_config(v.preset, **v.options).to_dict():
             found[(v.name, rec["split"])] = rec
     return found
 

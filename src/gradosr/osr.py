@@ -22,6 +22,7 @@ and max-logit signals, see :mod:`gradosr.detectors.fusion` and docs/ablation.md)
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,7 +40,7 @@ from gradosr.checkpoint import (
     read_json,
     save_tensors,
 )
-from gradosr.classifier import Classifier
+from gradosr.classifier import Classifier, batched_outputs
 from gradosr.data.protocols import OSRData
 from gradosr.detectors.fusion import FusionConfig, FusionDetector, logit_gradient
 from gradosr.detectors.mlp import DetectorConfig, MLPDetector
@@ -62,6 +63,7 @@ STANDARDIZE = ("train", "own", "none")
 DETECTOR_DATA = ("train", "heldout")
 THRESHOLD_RULES = ("fixed", "tpr")
 METHODS = ("proxy", "fusion")
+LOGIT_INPUTS = ("max_logit", "logsumexp", "max_softmax")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,14 @@ class OSRConfig:
             (validation) images of the proxy knowns. Proxy unknowns are all their
             training and validation images either way.
         proxy_unknown: number of proxy-unknown classes (None = max(1, round(K/3))).
+        proxy_ensemble: number of proxy splits (distinct proxy-unknown sets, the first
+            the paper's single split); one proxy classifier and one detector per split,
+            the score is the mean of their P(known) (an ablation of the paper's choice).
+        logit_inputs: logit statistics appended to the gradient features of the detector
+            (``proxy``), each computed by the same classifier as the gradients:
+            ``max_logit`` (Vaze et al., ICLR 2022), ``logsumexp`` (the negative free
+            energy, Liu et al., NeurIPS 2020), ``max_softmax`` (Hendrycks & Gimpel,
+            ICLR 2017).
         threshold_rule: ``fixed`` (accept when P(known) >= ``threshold``) or ``tpr``
             (the threshold accepting ``target_tpr`` of the validation knowns).
         threshold, target_tpr: see ``threshold_rule``.
@@ -96,6 +106,8 @@ class OSRConfig:
     standardize: str = "train"
     detector_data: str = "train"
     proxy_unknown: int | None = None
+    proxy_ensemble: int = 1
+    logit_inputs: tuple[str, ...] = ()
     threshold_rule: str = "fixed"
     threshold: float = 0.95
     target_tpr: float = 0.95
@@ -118,11 +130,19 @@ class OSRConfig:
             raise ConfigError(f"target_tpr must lie in (0, 1], got {self.target_tpr}")
         if self.proxy_unknown is not None and self.proxy_unknown < 1:
             raise ConfigError(f"proxy_unknown must be >= 1, got {self.proxy_unknown}")
+        if isinstance(self.proxy_ensemble, bool) or int(self.proxy_ensemble) != self.proxy_ensemble \
+                or self.proxy_ensemble < 1:
+            raise ConfigError(f"proxy_ensemble must be a positive integer, got {self.proxy_ensemble!r}")
+        object.__setattr__(self, "logit_inputs", tuple(self.logit_inputs))
+        bad = [s for s in self.logit_inputs if s not in LOGIT_INPUTS]
+        if bad or len(set(self.logit_inputs)) != len(self.logit_inputs):
+            raise ConfigError(f"logit_inputs must be distinct names among {LOGIT_INPUTS}, got {list(self.logit_inputs)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["representation"] = self.representation.to_dict()
         d["fusion"]["signals"] = list(self.fusion.signals)
+        d["logit_inputs"] = list(self.logit_inputs)
         return d
 
     @classmethod
@@ -175,6 +195,14 @@ def make_config(preset: str = "paper", seed: int | None = None, **options) -> OS
                    fusion=replace(cfg.fusion, **fus), **options)
 
 
+def logit_statistics(logits: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """The statistics ``names`` (see ``OSRConfig.logit_inputs``) of logits N×K: float64 N×len(names)."""
+    z = torch.as_tensor(logits).to(torch.float64)
+    stats = {"max_logit": lambda: z.max(dim=1).values, "logsumexp": lambda: torch.logsumexp(z, dim=1),
+             "max_softmax": lambda: torch.softmax(z, dim=1).max(dim=1).values}
+    return torch.stack([stats[n]() for n in names], dim=1) if names else z.new_zeros((len(z), 0))
+
+
 def proxy_split(num_known: int, seed: int, num_unknown: int | None = None) -> list[int]:
     """The proxy-unknown labels (sorted, among 0..K-1): ``num_unknown`` (default
     max(1, round(K/3))) drawn with ``seed``. Needs K >= 3 (2 proxy knowns remain)."""
@@ -184,6 +212,36 @@ def proxy_split(num_known: int, seed: int, num_unknown: int | None = None) -> li
                           "the method needs at least 3 known classes")
     rng = np.random.default_rng(seed)
     return sorted(int(c) for c in rng.choice(num_known, n_u, replace=False))
+
+
+def proxy_splits(num_known: int, seed: int, num_unknown: int | None = None, count: int = 1) -> list[list[int]]:
+    """``count`` distinct proxy splits: :func:`proxy_split` with seeds seed, seed + 1, ...,
+    skipping repeats; the first is always ``proxy_split(num_known, seed, num_unknown)``."""
+    n_u = len(proxy_split(num_known, seed, num_unknown))
+    possible = math.comb(num_known, n_u)
+    if count > possible:
+        raise ConfigError(f"proxy_ensemble {count} exceeds the {possible} distinct sets of {n_u} proxy unknowns "
+                          f"among {num_known} known classes")
+    splits: list[list[int]] = []
+    offset = 0
+    while len(splits) < count:
+        split = proxy_split(num_known, seed + offset, num_unknown)
+        if split not in splits:
+            splits.append(split)
+        offset += 1
+    return splits
+
+
+@dataclass
+class ProxyMember:
+    """One proxy split of the ``proxy`` method: its proxy-unknown labels, its MLP
+    detector, the standardisers of its detector inputs (``proxy``/``final``) and, while
+    fitting, its proxy classifier (a loaded GradientOSR does not carry it)."""
+
+    proxy_unknown: list[int]
+    detector: MLPDetector
+    scalers: dict[str, Standardizer]
+    proxy: Classifier | None = None
 
 
 class GradientOSR:
@@ -216,6 +274,8 @@ class GradientOSR:
         self.proxy_unknown: list[int] | None = None
         self.detector: MLPDetector | None = None
         self.scalers: dict[str, Standardizer] = {}
+        #: the proxy method's splits (the first is proxy_unknown/proxy/detector/scalers)
+        self.members: list[ProxyMember] = []
         self.param_names: list[str] | None = None
         self.threshold_: float | None = None
         #: trained proxy classifiers by proxy-unknown labels; share one dict between
@@ -299,7 +359,7 @@ class GradientOSR:
         if self.config.method == "fusion":
             check_n_ones(self.config.representation.n_ones, k)
             return
-        n_proxy = k - len(proxy_split(k, 0, self.config.proxy_unknown))
+        n_proxy = k - len(proxy_splits(k, 0, self.config.proxy_unknown, self.config.proxy_ensemble)[0])
         try:
             check_n_ones(self.config.representation.n_ones, n_proxy)
         except ConfigError as exc:
@@ -333,37 +393,52 @@ class GradientOSR:
         if cfg.method == "fusion":
             self._fit_fusion(xt, yt, xv)
             return
-        self.proxy_unknown = proxy_split(k, seed, cfg.proxy_unknown)
-        u_train, u_val = np.isin(yt, self.proxy_unknown), np.isin(yv, self.proxy_unknown)
-        self.proxy = self._ensure_proxy(xt[~u_train], yt[~u_train], xv[~u_val], yv[~u_val], identity, run_dir)
-        check_params_exist(self._param_names(self.proxy.model), self.classifier.model)
-
-        known_x = xt[~u_train] if cfg.detector_data == "train" else xv[~u_val]
-        unknown_x = torch.cat([xt[u_train], xv[u_val]])
-        r_known = self._features(self.proxy.model, known_x, "proxy knowns")
-        r_unknown = self._features(self.proxy.model, unknown_x, "proxy unknowns")
-        r_det = torch.cat([r_known, r_unknown])
-        is_known = np.concatenate([np.ones(len(r_known), bool), np.zeros(len(r_unknown), bool)])
-        if cfg.standardize == "train":
-            scaler = Standardizer.fit(r_det)
-            self.scalers = {"proxy": scaler, "final": scaler}
-        elif cfg.standardize == "own":
-            held = r_known if cfg.detector_data == "heldout" else self._features(self.proxy.model, xv[~u_val], "proxy held-out")
-            self.scalers = {"proxy": Standardizer.fit(held),
-                            "final": Standardizer.fit(self._features(self.classifier.model, xv, "held-out knowns"))}
-        else:
-            self.scalers = {"proxy": Standardizer.identity(r_det.shape[1]), "final": Standardizer.identity(r_det.shape[1])}
-        self.detector = MLPDetector(cfg.detector).fit(self.scalers["proxy"](r_det).float(), is_known)
+        splits = proxy_splits(k, seed, cfg.proxy_unknown, cfg.proxy_ensemble)
+        self.members = []
+        for i, labels in enumerate(splits):  # member i > 0 reuses member 0's final-classifier statistics
+            self.members.append(self._fit_member(xt, yt, xv, yv, labels, i, identity, run_dir))
+        first = self.members[0]
+        self.proxy_unknown, self.proxy, self.detector, self.scalers = (first.proxy_unknown, first.proxy,
+                                                                       first.detector, first.scalers)
         if cfg.threshold_rule == "fixed":
             self.threshold_ = float(cfg.threshold)
         else:
             self.threshold_ = threshold_at_tpr(self.score_samples(xv), cfg.target_tpr)
 
+    def _fit_member(self, xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarray,
+                    proxy_unknown: list[int], index: int, identity: dict, run_dir: Path | None) -> ProxyMember:
+        """Train (or reuse) the proxy classifier of one proxy split and fit its detector
+        (paper §3.2)."""
+        cfg = self.config
+        u_train, u_val = np.isin(yt, proxy_unknown), np.isin(yv, proxy_unknown)
+        proxy = self._ensure_proxy(xt[~u_train], yt[~u_train], xv[~u_val], yv[~u_val], proxy_unknown, index,
+                                   identity, run_dir)
+        check_params_exist(self._param_names(proxy.model), self.classifier.model)
+
+        known_x = xt[~u_train] if cfg.detector_data == "train" else xv[~u_val]
+        unknown_x = torch.cat([xt[u_train], xv[u_val]])
+        r_known = self._features(proxy.model, known_x, "proxy knowns")
+        r_unknown = self._features(proxy.model, unknown_x, "proxy unknowns")
+        r_det = torch.cat([r_known, r_unknown])
+        is_known = np.concatenate([np.ones(len(r_known), bool), np.zeros(len(r_unknown), bool)])
+        if cfg.standardize == "train":
+            scaler = Standardizer.fit(r_det)
+            scalers = {"proxy": scaler, "final": scaler}
+        elif cfg.standardize == "own":
+            held = r_known if cfg.detector_data == "heldout" else self._features(proxy.model, xv[~u_val], "proxy held-out")
+            final = self.members[0].scalers["final"] if index > 0 else Standardizer.fit(
+                self._features(self.classifier.model, xv, "held-out knowns"))
+            scalers = {"proxy": Standardizer.fit(held), "final": final}
+        else:
+            scalers = {"proxy": Standardizer.identity(r_det.shape[1]), "final": Standardizer.identity(r_det.shape[1])}
+        detector = MLPDetector(cfg.detector).fit(scalers["proxy"](r_det).float(), is_known)
+        return ProxyMember(list(proxy_unknown), detector, scalers, proxy)
+
     def _fit_fusion(self, xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor) -> None:
         """The ``fusion`` method: no proxy; the detector models the final classifier's
         known training samples, standardised with the held-out knowns ``xv``."""
         cfg = self.config
-        self.proxy, self.proxy_unknown = None, None
+        self.proxy, self.proxy_unknown, self.members = None, None, []
         self.param_names = []
         if "gradient" in cfg.fusion.signals and cfg.fusion.gradient_rep == "norms":
             self._param_names(self.classifier.model)
@@ -378,16 +453,22 @@ class GradientOSR:
     def _views(self, xin: torch.Tensor, desc: str = "gradients") -> dict:
         """What the fused detector reads of model inputs ``xin`` (float64 tensors): logits
         N×K, head-input features N×D, the logit gradient g N×K of the configured loss
-        (the head's weight gradient is g hᵀ) and, when needed, g of the uniform target
-        and the standardised log gradient norms N×P."""
+        (the head's weight gradient is g hᵀ) and, when needed, g of the uniform target,
+        the standardised log gradient norms N×P or the projected full gradients N×P'."""
         rep, fus = self.config.representation, self.config.fusion
         logits, feats = self.classifier.logits_and_features(xin)
         views = {"logits": logits.to(torch.float64), "features": feats.to(torch.float64),
                  "g": logit_gradient(logits, rep.target, rep.n_ones, rep.output)}
-        if "gradnorm" in fus.signals:
+        if "gradnorm" in fus.signals or "gradorth" in fus.signals:
             views["g_uniform"] = logit_gradient(logits, "uniform")
         if "gradient" in fus.signals and fus.gradient_rep == "norms":
             views["norms"] = self.scalers["final"](self._features(self.classifier.model, xin, desc))
+        if "gradient" in fus.signals and fus.gradient_rep == "projection":
+            from gradosr.gradients.projection import projected_gradients
+
+            # the projection matrices are drawn from the method's seed (stored in osr.json)
+            views["gproj"] = projected_gradients(self.classifier.model, xin, fus.projection_dim, rep.target,
+                                                 rep.n_ones, rep.output, seed=self.seed)
         return views
 
     def _param_names(self, model: nn.Module) -> list[str]:
@@ -398,16 +479,23 @@ class GradientOSR:
         return self.param_names
 
     def _features(self, model: nn.Module, x: torch.Tensor, desc: str) -> torch.Tensor:
-        """Transformed (log) representations, float64 N×P, of model inputs x."""
+        """Transformed (log) representations of model inputs x, followed by the
+        configured ``logit_inputs`` of the same model: float64 N×(P + L)."""
         rep = replace(self.config.representation, params=tuple(self.param_names))
         r, _ = extract(model, x, rep, self.config.batch_size, self.progress, desc)
-        return transform(r, rep.log)
+        r = transform(r, rep.log)
+        if not self.config.logit_inputs:
+            return r
+        z = batched_outputs(model, x, self.config.batch_size)[0].to(torch.float64)
+        return torch.cat([r, logit_statistics(z, self.config.logit_inputs)], dim=1)
 
-    def _ensure_proxy(self, xt, yt, xv, yv, identity: dict, run_dir: Path | None) -> Classifier:
-        """Train (or reuse from ``<run_dir>/proxy``) the proxy classifier on proxy knowns."""
-        keep = [c for c in range(self.num_known) if c not in self.proxy_unknown]
-        if tuple(self.proxy_unknown) in self.proxy_cache:
-            return self.proxy_cache[tuple(self.proxy_unknown)]
+    def _ensure_proxy(self, xt, yt, xv, yv, proxy_unknown: list[int], index: int, identity: dict,
+                      run_dir: Path | None) -> Classifier:
+        """Train (or reuse from ``<run_dir>/proxy``, ``proxy2``, ... for the ensemble's
+        ``index``) the proxy classifier of ``proxy_unknown`` on the proxy knowns."""
+        keep = [c for c in range(self.num_known) if c not in proxy_unknown]
+        if tuple(proxy_unknown) in self.proxy_cache:
+            return self.proxy_cache[tuple(proxy_unknown)]
         remap = np.full(self.num_known, -1, dtype=np.int64)
         remap[keep] = np.arange(len(keep))
         ids = [self.classifier.class_ids[c] for c in keep]
@@ -415,9 +503,9 @@ class GradientOSR:
         tc = self.train_config
         wanted = {**identity, "train": tc.to_dict(), "proxy_of": keep}
         if run_dir is not None:
-            out = run_dir / "proxy"
+            out = run_dir / ("proxy" if index == 0 else f"proxy{index + 1}")
         elif self.proxy_root is not None:  # proxies kept apart from any run folder (ablations)
-            out = Path(self.proxy_root) / ("proxy-" + "-".join(str(c) for c in self.proxy_unknown))
+            out = Path(self.proxy_root) / ("proxy-" + "-".join(str(c) for c in proxy_unknown))
         else:
             out = None
         custom = self.classifier.arch == "custom"
@@ -434,7 +522,7 @@ class GradientOSR:
                                  out_dir=out, progress=self.progress, device=self.device, class_names=names,
                                  meta={**identity, "proxy_of": keep}, model=model,
                                  resume=out is not None and (out / "model.json").is_file())
-        self.proxy_cache[tuple(self.proxy_unknown)] = proxy
+        self.proxy_cache[tuple(proxy_unknown)] = proxy
         return proxy
 
     def _new_proxy_model(self, n: int) -> nn.Module:
@@ -442,8 +530,8 @@ class GradientOSR:
             model = self.proxy_factory(n)
         else:
             model = copy.deepcopy(self.classifier.model)
+            resize_head(model, n)  # before the seeded reset: the new head is initialised from the seed too
             reset_parameters(model, seed=self.train_config.seed)
-            resize_head(model, n)
         if find_head(model).out_features != n:
             raise ConfigError(f"the proxy model must have {n} outputs")
         return model.to(self.device)
@@ -454,22 +542,27 @@ class GradientOSR:
             raise ConfigError("this GradientOSR is not fitted: call fit() or load() first")
 
     def representations(self, x) -> torch.Tensor:
-        """Standardised detector inputs of ``x`` from the final classifier (float64 N×P);
-        the ``proxy`` method's MLP inputs (the ``fusion`` method reads :meth:`_views`)."""
+        """Standardised detector inputs of ``x`` from the final classifier (float64
+        N×(P + L)): the ``proxy`` method's MLP inputs, standardised for the first proxy
+        split (the ``fusion`` method reads :meth:`_views`)."""
+        return self.scalers["final"](self._raw_representations(x))
+
+    def _raw_representations(self, x) -> torch.Tensor:
         self._check_fitted()
         if self.config.method != "proxy":
             raise ConfigError("representations() are the proxy method's detector inputs; "
                               f"the {self.config.method} method has none")
-        xin = self.classifier.inputs(x)
-        return self.scalers["final"](self._features(self.classifier.model, xin, "gradients"))
+        return self._features(self.classifier.model, self.classifier.inputs(x), "gradients")
 
     def score_samples(self, x) -> np.ndarray:
         """Score of each input (float64 N), higher = more likely known: P(known) for the
-        ``proxy`` method, the sum of standardised signals for ``fusion``."""
+        ``proxy`` method (the mean over the proxy splits of an ensemble), the sum of
+        standardised signals for ``fusion``."""
         self._check_fitted()
         if self.config.method == "fusion":
             return self.detector.score_samples(self._views(self.classifier.inputs(x)))
-        return self.detector.predict_proba(self.representations(x).float())
+        r = self._raw_representations(x)
+        return np.mean([m.detector.predict_proba(m.scalers["final"](r).float()) for m in self.members], axis=0)
 
     def predict(self, x, return_scores: bool = False):
         """Open-set labels (int64 N): the classifier's argmax, or -1 where the score is
@@ -483,24 +576,35 @@ class GradientOSR:
 
     # ------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike) -> None:
-        """Write ``classifier/``, ``proxy/``, ``detector/`` and ``osr.json`` (last)."""
+        """Write ``classifier/``, ``proxy/`` (``proxy2/``, ... for an ensemble),
+        ``detector/`` and ``osr.json`` (last). Member i > 0 of an ensemble is stored
+        under the tensor prefix ``m<i>.``."""
         self._check_fitted()
         directory = Path(directory)
         self.classifier.save(directory / "classifier")
-        if self.proxy is not None:  # a loaded GradientOSR does not carry its proxy
-            self.proxy.save(directory / "proxy")
+        members = self.members if self.config.method == "proxy" else []
+        for i, m in enumerate(members):
+            if m.proxy is not None:  # a loaded GradientOSR does not carry its proxies
+                m.proxy.save(directory / ("proxy" if i == 0 else f"proxy{i + 1}"))
         tensors, meta = self.detector.state()
         prefix = "net" if self.config.method == "proxy" else "fusion"
         tensors = {f"{prefix}.{k}": v for k, v in tensors.items()}
         for which, sc in self.scalers.items():
             tensors[f"scaler.{which}.mean"], tensors[f"scaler.{which}.std"] = sc.mean, sc.std
-        save_tensors(directory / "detector", "detector", tensors, {**meta, "param_names": self.param_names},
-                     DETECTOR_FORMAT)
+        extra = []
+        for i, m in enumerate(members[1:], start=1):
+            net, m_meta = m.detector.state()
+            tensors.update({f"m{i}.net.{k}": v for k, v in net.items()})
+            for which, sc in m.scalers.items():
+                tensors[f"m{i}.scaler.{which}.mean"], tensors[f"m{i}.scaler.{which}.std"] = sc.mean, sc.std
+            extra.append(m_meta)
+        save_tensors(directory / "detector", "detector", tensors,
+                     {**meta, "param_names": self.param_names, "members": extra}, DETECTOR_FORMAT)
         atomic_write_json(directory / "osr.json", {
             "format": OSR_FORMAT, "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
             "threshold": self.threshold_, "threshold_rule": self.config.threshold_rule,
-            "proxy_unknown": self.proxy_unknown, "train": self.train_config.to_dict() if self.train_config else None,
-            "seed": self.seed,
+            "proxy_unknown": self.proxy_unknown, "proxy_unknowns": [m.proxy_unknown for m in members],
+            "train": self.train_config.to_dict() if self.train_config else None, "seed": self.seed,
         })
 
     @classmethod
@@ -524,20 +628,37 @@ class GradientOSR:
         self.threshold_ = float(meta["threshold"])
         tensors, dmeta = load_tensors(directory / "detector", "detector", DETECTOR_FORMAT)
         self.proxy_cache, self.proxy_root = {}, None
-        if config.method == "fusion":
-            self.detector = FusionDetector.from_state(
-                {k[7:]: v for k, v in tensors.items() if k.startswith("fusion.")}, dmeta)
-        else:
-            self.detector = MLPDetector.from_state({k[4:]: v for k, v in tensors.items() if k.startswith("net.")},
-                                                   dmeta)
         self.param_names = list(dmeta["param_names"])
         check_params_exist(self.param_names, clf.model)
-        try:
-            self.scalers = {w: Standardizer(tensors[f"scaler.{w}.mean"], tensors[f"scaler.{w}.std"])
-                            for w in ("proxy", "final")}
-        except KeyError as exc:
-            raise CheckpointError(f"{directory}/detector is missing {exc}") from None
-        if config.method == "proxy" and self.detector.net[0].in_features != len(self.param_names):
-            raise CheckpointError(f"{directory}/detector expects {self.detector.net[0].in_features} features, "
-                                  f"but lists {len(self.param_names)} parameters")
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        def scalers(prefix: str) -> dict[str, Standardizer]:
+            try:
+                return {w: Standardizer(tensors[f"{prefix}scaler.{w}.mean"], tensors[f"{prefix}scaler.{w}.std"])
+                        for w in ("proxy", "final")}
+            except KeyError as exc:
+                raise CheckpointError(f"{directory}/detector is missing {exc}") from None
+
+        self.scalers, self.members = scalers(""), []
+        if config.method == "fusion":
+            self.detector = FusionDetector.from_state(part("fusion."), dmeta)
+            return self
+        self.detector = MLPDetector.from_state(part("net."), dmeta)
+        self.members = [ProxyMember(self.proxy_unknown, self.detector, self.scalers)]
+        unknowns = meta.get("proxy_unknowns") or [self.proxy_unknown]
+        extra = dmeta.get("members", [])
+        if len(extra) != config.proxy_ensemble - 1 or len(unknowns) != config.proxy_ensemble:
+            raise CheckpointError(f"{directory} should hold {config.proxy_ensemble} proxy detectors, "
+                                  f"it holds {len(extra) + 1}")
+        for i, m_meta in enumerate(extra, start=1):
+            self.members.append(ProxyMember(unknowns[i], MLPDetector.from_state(part(f"m{i}.net."), m_meta),
+                                            scalers(f"m{i}.")))
+        width = len(self.param_names) + len(config.logit_inputs)
+        for m in self.members:
+            if m.detector.net[0].in_features != width:
+                raise CheckpointError(f"{directory}/detector expects {m.detector.net[0].in_features} features, "
+                                      f"but lists {len(self.param_names)} parameters and "
+                                      f"{len(config.logit_inputs)} logit inputs")
         return self

@@ -12,11 +12,19 @@ Neighbors", ICML 2022) and adds up several standardised signals:
   similarity factorises, cos(g₁h₁ᵀ, g₂h₂ᵀ) = cos(g₁, g₂)·cos(h₁, h₂), so the K×D gradient
   is never materialised. ``gradient_rep="norms"`` uses the log per-parameter squared
   gradient norms of the paper's Eq. 1 instead, standardised with held-out known
-  statistics, with Euclidean kNN.
+  statistics, with Euclidean kNN. ``gradient_rep="projection"`` uses a random projection
+  of the full per-sample gradient of every Linear/Conv weight of the classifier
+  (LoGra's Kronecker-factored projection, Choe et al. 2024; after TRAK, Park et al.,
+  ICML 2023; see :mod:`gradosr.gradients.projection`), ``projection_dim`` per side of
+  each layer, with cosine kNN: it reaches the layers below the head.
 - ``features``: kNN on L2-normalised penultimate features (Sun et al., 2022);
 - ``max_logit``: the maximum logit (Vaze et al., ICLR 2022);
 - ``gradnorm``: log ‖dJ/dW‖₁ of the head under the uniform target (Huang et al.,
-  NeurIPS 2021; higher = known), for ablations.
+  NeurIPS 2021; higher = known), for ablations;
+- ``gradorth``: log ‖dJ/dW S Sᵀ‖_F of the head under the uniform target, S (D×r) the
+  top right-singular vectors of the known training features holding ``GRADORTH_ENERGY``
+  of their energy: the norm of the gradient's projection on the known data's important
+  subspace, = ‖g‖₂ ‖Sᵀh‖₂ (GradOrth, Behpour et al., NeurIPS 2023; higher = known).
 
 Each signal's raw score s (higher = known) is standardised with the mean and standard
 deviation of its scores on held-out known samples (the validation split, never
@@ -25,7 +33,8 @@ k-th nearest training sample, k = min(``k``, the smallest class's training count
 
 Inputs are "views" of N samples (float64 tensors): ``logits`` N×K, ``features`` N×D,
 ``g`` N×K (the logit gradient of the configured target), ``g_uniform`` N×K (the
-uniform target's, for ``gradnorm``) and, for ``gradient_rep="norms"``, ``norms`` N×P.
+uniform target's, for ``gradnorm``/``gradorth``) and, for ``gradient_rep="norms"``,
+``norms`` N×P, for ``gradient_rep="projection"``, ``gproj`` N×P.
 """
 
 from __future__ import annotations
@@ -38,19 +47,24 @@ import torch
 from gradosr.errors import CheckpointError, ConfigError, DataError
 from gradosr.gradients.targets import per_sample_loss
 
-SIGNALS = ("gradient", "features", "max_logit", "gradnorm")
-GRADIENT_REPS = ("head", "norms")
+SIGNALS = ("gradient", "features", "max_logit", "gradnorm", "gradorth")
+GRADIENT_REPS = ("head", "norms", "projection")
+#: fraction of the known training features' energy (sum of squared singular values)
+#: kept in GradOrth's subspace; fixed a priori (GradOrth keeps an energy fraction too)
+GRADORTH_ENERGY = 0.97
 _EPS = 1e-12
 
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """Which signals are summed (see the module docstring), the gradient representation
-    and the largest k of the kNN signals."""
+    """Which signals are summed (see the module docstring), the gradient representation,
+    the largest k of the kNN signals and the per-side dimension of the projected
+    gradients (``gradient_rep="projection"``)."""
 
     signals: tuple[str, ...] = ("gradient", "features", "max_logit")
     gradient_rep: str = "head"
     k: int = 50
+    projection_dim: int = 16
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "signals", tuple(self.signals))
@@ -61,6 +75,9 @@ class FusionConfig:
             raise ConfigError(f"gradient_rep must be one of {GRADIENT_REPS}, got {self.gradient_rep!r}")
         if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
             raise ConfigError(f"k must be a positive integer, got {self.k!r}")
+        if isinstance(self.projection_dim, bool) or int(self.projection_dim) != self.projection_dim \
+                or self.projection_dim < 1:
+            raise ConfigError(f"projection_dim must be a positive integer, got {self.projection_dim!r}")
 
 
 def logit_gradient(logits: torch.Tensor, target: str = "confounding", n_ones: int | None = None,
@@ -107,6 +124,17 @@ def kth_neighbour_distance(query: list[torch.Tensor], bank: list[torch.Tensor], 
     return out
 
 
+def important_subspace(features: torch.Tensor, energy: float = GRADORTH_ENERGY) -> torch.Tensor:
+    """GradOrth's subspace (Behpour et al., NeurIPS 2023): the top right-singular vectors
+    (D×r, float64) of the N×D representation matrix, r the fewest holding ``energy`` of
+    the sum of squared singular values."""
+    x = torch.as_tensor(features).to(torch.float64)
+    _, sv, vh = torch.linalg.svd(x, full_matrices=False)
+    share = torch.cumsum(sv.square(), 0) / sv.square().sum().clamp_min(_EPS)
+    r = int(torch.searchsorted(share, torch.tensor(energy, dtype=torch.float64)).item()) + 1
+    return vh[:min(r, len(sv))].T.contiguous()
+
+
 class FusionDetector:
     """Sum of standardised one-class signals of the final classifier (``plus`` preset).
 
@@ -127,6 +155,8 @@ class FusionDetector:
             return [_unit(views["features"])]
         if self.config.gradient_rep == "head":
             return [_unit(views["g"]), _unit(views["features"])]
+        if self.config.gradient_rep == "projection":
+            return [_unit(views["gproj"])]
         return [torch.as_tensor(views["norms"]).to(torch.float64)]
 
     def _raw(self, signal: str, views: dict) -> torch.Tensor:
@@ -137,6 +167,10 @@ class FusionDetector:
             h = torch.as_tensor(views["features"]).to(torch.float64)
             # GradNorm: ‖g hᵀ‖₁ = ‖g‖₁ ‖h‖₁ (higher = known), on a log scale
             return torch.log((g.abs().sum(1) * h.abs().sum(1)).clamp_min(1e-300))
+        if signal == "gradorth":
+            g = torch.as_tensor(views["g_uniform"]).to(torch.float64)
+            h = torch.as_tensor(views["features"]).to(torch.float64)
+            return torch.log((g.norm(dim=1) * (h @ self.banks["gradorth"][0]).norm(dim=1)).clamp_min(1e-300))
         euclid = signal == "gradient" and self.config.gradient_rep == "norms"
         return -kth_neighbour_distance(self._factors(signal, views), self.banks[signal], self.k_, euclidean=euclid)
 
@@ -151,6 +185,8 @@ class FusionDetector:
             raise DataError("the fused detector needs at least 2 held-out known samples")
         self.k_ = int(min(self.config.k, counts.min()))
         self.banks = {s: self._factors(s, train) for s in self.config.signals if s in ("gradient", "features")}
+        if "gradorth" in self.config.signals:
+            self.banks["gradorth"] = [important_subspace(torch.as_tensor(train["features"]))]
         self.stats = {}
         for s in self.config.signals:
             v = self._raw(s, val)
@@ -189,7 +225,7 @@ class FusionDetector:
             det.k_ = int(meta["k"])
             det.stats = {s: (float(v[0]), float(v[1])) for s, v in meta["stats"].items()}
             for s in det.config.signals:
-                if s in ("gradient", "features"):
+                if s in ("gradient", "features", "gradorth"):
                     n_parts = 2 if (s == "gradient" and det.config.gradient_rep == "head") else 1
                     det.banks[s] = [tensors[f"bank.{s}.{i}"].to(torch.float64) for i in range(n_parts)]
                 if s not in det.stats:

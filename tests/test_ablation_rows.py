@@ -1,0 +1,118 @@
+"""The ablation rows added to the paper and plus families: an ensemble of detectors over
+several proxy splits, logit statistics appended to the detector inputs, and GradOrth's
+projected head-gradient norm (Behpour et al., NeurIPS 2023)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gradosr.detectors.fusion import GRADORTH_ENERGY, FusionConfig, FusionDetector, important_subspace
+from gradosr.errors import CheckpointError, ConfigError
+from gradosr.osr import GradientOSR, make_config, proxy_split, proxy_splits
+from test_osr import K, X, X_VAL, Y, Y_VAL, make_data, make_osr, trained_model
+from test_plus import naive_head_gradients, views
+
+
+@pytest.fixture(scope="module")
+def model():
+    return trained_model()
+
+
+def test_proxy_splits_are_distinct_and_start_with_the_papers():
+    splits = proxy_splits(K, 3, None, 4)
+    assert splits[0] == proxy_split(K, 3)
+    assert len({tuple(s) for s in splits}) == 4 and all(len(s) == 2 for s in splits)
+    assert len(proxy_splits(4, 0, 1, 4)) == 4  # every one of the C(4, 1) sets
+    with pytest.raises(ConfigError, match="exceeds the 4 distinct sets"):
+        proxy_splits(4, 0, 1, 5)
+    with pytest.raises(ConfigError, match="proxy_ensemble"):
+        make_config("paper", proxy_ensemble=0)
+
+
+def test_ensemble_score_is_the_mean_of_single_split_methods(model, tmp_path):
+    ens = make_osr(model, proxy_ensemble=2).fit(X, Y, X_VAL, Y_VAL)
+    second = proxy_splits(K, 0, None, 2)[1]
+    seed1 = next(s for s in range(100) if proxy_split(K, s) == second)
+    single0 = make_osr(model).fit(X, Y, X_VAL, Y_VAL)
+    single1 = make_osr(model, seed=seed1).fit(X, Y, X_VAL, Y_VAL)
+    assert [m.proxy_unknown for m in ens.members] == [single0.proxy_unknown, single1.proxy_unknown]
+    x_test, _ = make_data(4, seed=2, num_classes=10)
+    expected = (single0.score_samples(x_test) + single1.score_samples(x_test)) / 2
+    np.testing.assert_allclose(ens.score_samples(x_test), expected, rtol=1e-6, atol=1e-7)
+
+    ens.save(tmp_path / "run")
+    assert (tmp_path / "run" / "proxy" / "model.json").is_file()
+    assert (tmp_path / "run" / "proxy2" / "model.json").is_file()
+    meta = json.loads((tmp_path / "run" / "osr.json").read_text())
+    assert meta["proxy_unknowns"] == [single0.proxy_unknown, single1.proxy_unknown]
+    loaded = GradientOSR.load(tmp_path / "run", model=trained_model())
+    np.testing.assert_array_equal(loaded.score_samples(x_test), ens.score_samples(x_test))
+    meta["config"]["proxy_ensemble"] = 3  # a member missing from the files
+    (tmp_path / "run" / "osr.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="should hold 3 proxy detectors"):
+        GradientOSR.load(tmp_path / "run", model=trained_model())
+
+
+def test_logit_inputs_are_appended_to_the_gradient_features(model, tmp_path):
+    names = ("max_logit", "logsumexp", "max_softmax")
+    osr = make_osr(model, logit_inputs=names, standardize="none").fit(X, Y, X_VAL, Y_VAL)
+    r = osr.representations(X_VAL)
+    assert r.shape == (len(X_VAL), len(osr.param_names) + 3)
+    with torch.no_grad():
+        z = model(torch.as_tensor(X_VAL)).double()
+    expected = torch.stack([z.max(1).values, torch.logsumexp(z, 1), torch.softmax(z, 1).max(1).values], 1)
+    torch.testing.assert_close(r[:, -3:], expected, rtol=1e-5, atol=1e-5)
+    assert osr.detector.net[0].in_features == len(osr.param_names) + 3
+    osr.save(tmp_path / "run")
+    loaded = GradientOSR.load(tmp_path / "run", model=trained_model())
+    np.testing.assert_array_equal(loaded.score_samples(X_VAL), osr.score_samples(X_VAL))
+    with pytest.raises(ConfigError, match="logit_inputs"):
+        make_config("paper", logit_inputs=("max_logit", "entropy"))
+
+
+def test_gradorth_is_the_norm_of_the_projected_head_gradient(model):
+    m = trained_model().double()
+    vt, vv = views(m, X), views(m, X_VAL)
+    x_test = make_data(3, seed=4, num_classes=10)[0]
+    det = FusionDetector(FusionConfig(signals=("gradorth",))).fit(vt, Y, vv)
+    # the subspace by hand: numpy's SVD and the smallest rank holding GRADORTH_ENERGY
+    _, sv, vh = np.linalg.svd(vt["features"].numpy(), full_matrices=False)
+    share = np.cumsum(sv ** 2) / np.sum(sv ** 2)
+    r = int(np.argmax(share >= GRADORTH_ENERGY)) + 1
+    basis = vh[:r].T
+    assert important_subspace(vt["features"]).shape == (vt["features"].shape[1], r)
+    grads = naive_head_gradients(m, x_test, "uniform").numpy()  # N×K×D
+    naive = np.log(np.linalg.norm(grads @ basis @ basis.T, axis=(1, 2)))
+    np.testing.assert_allclose(det.signal_scores(views(m, x_test))["gradorth"], naive, rtol=1e-9)
+
+
+def test_important_subspace_keeps_the_energy_fraction():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3)) @ np.diag([10.0, 3.0, 0.1]) @ np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    assert important_subspace(torch.as_tensor(x), 0.5).shape == (3, 1)
+    assert important_subspace(torch.as_tensor(x), 0.99).shape == (3, 2)
+    assert important_subspace(torch.as_tensor(x), 1.0).shape == (3, 3)
+
+
+def test_ablation_reuses_records_written_before_new_options_existed(tmp_path):
+    from pathlib import Path
+
+    from gradosr.ablation import AblationSettings, _finished
+
+    cfg = make_config("paper").to_dict()
+    for key in ("proxy_ensemble", "logit_inputs"):  # what a record of an older gradosr lacks
+        cfg.pop(key)
+    cfg["fusion"].pop("projection_dim")
+    doc = {"protocol": "mnist-sample", "protocol_args": {}, "train_overrides": {}, "seed": 0,
+           "results": [{"method": "paper", "split": 0, "config": cfg},
+                       {"method": "paper-n2", "split": 0, "config": cfg}]}  # n2's config differs: recomputed
+    path = Path(tmp_path) / "results.json"
+    path.write_text(json.dumps(doc))
+    found = _finished(path, AblationSettings("mnist-sample", [0], ["all"], tmp_path))
+    assert list(found) == [("paper", 0)]
+    assert math.isfinite(len(found))
