@@ -116,3 +116,20 @@ def test_ablation_reuses_records_written_before_new_options_existed(tmp_path):
     found = _finished(path, AblationSettings("mnist-sample", [0], ["all"], tmp_path))
     assert list(found) == [("paper", 0)]
     assert math.isfinite(len(found))
+
+
+def test_cli_ablate_on_some_variants_keeps_the_others(tmp_path, capsys):
+    from gradosr.cli import main
+
+    out = tmp_path / "abl"
+    argv = ["ablate", "--protocol", "custom", "--dataset", "mnist-sample", "--known", "0,1,2", "--unknown", "3",
+            "--splits", "0", "--epochs", "1", "--variants", "plus-no-logit", "--out", str(out), "--no-progress",
+            "--device", "cpu"]
+    assert main(argv) == 0, capsys.readouterr().err
+    first = json.loads((out / "results.json").read_text())["results"]
+    assert main([a if a != "plus-no-logit" else "plus" for a in argv]) == 0, capsys.readouterr().err
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in doc["results"]] == ["plus", "plus-no-logit"]  # in the order of VARIANTS
+    assert doc["results"][1] == first[0]
+    text = (out / "results.md").read_text()
+    assert "| plus |" in text and "| plus-no-logit |" in text

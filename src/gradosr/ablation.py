@@ -153,6 +153,14 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
     records: list[dict] = []
     t_start = time.time()
     done = _finished(out / "results.json", settings)
+    names = {v.name for v in variants}
+    # an ablation run on some variants keeps the other variants' records of the same protocol
+    kept = [r for r in _previous(out / "results.json", settings) if r.get("method") not in names]
+    shown = [v for v in VARIANTS if v in variants or any(r.get("method") == v.name for r in kept)]
+
+    def document() -> dict:
+        return _document(settings, _merged(records, kept), shown, time.time() - t_start)
+
     for split in settings.splits:
         spec = resolve_protocol(settings.protocol, split=split, **settings.protocol_args)
         seed = spec.seed if spec.name in ("cross", "custom") else settings.seed
@@ -180,37 +188,40 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
             rec["seconds"] = round(time.time() - t0, 3)
             rec["config"] = osr.config.to_dict()
             records.append(rec)
-            atomic_write_json(out / "results.json", _document(settings, records, variants, time.time() - t_start))
-        doc = _document(settings, records, variants, time.time() - t_start)
-        atomic_write_json(out / "results.json", doc)
+            atomic_write_json(out / "results.json", document())
+        atomic_write_json(out / "results.json", document())
         log(f"{spec.label}: {len(variants)} variants ({time.time() - t_start:.0f}s so far)")
-    doc = _document(settings, records, variants, time.time() - t_start)
+    doc = document()
     atomic_write_json(out / "results.json", doc)
     atomic_write_text(out / "results.md", markdown(doc))
     return doc
 
 
-def _finished(path: Path, settings: AblationSettings) -> dict:
-    """Records of an earlier run of the same ablation in ``path``, by (variant, split):
-    reused only when the protocol and training options match and the variant's config
-    is unchanged."""
+def _previous(path: Path, settings: AblationSettings) -> list[dict]:
+    """The records of an earlier run of the same ablation in ``path`` (same protocol,
+    training options and seed), else none."""
     from gradosr.checkpoint import read_json
     from gradosr.errors import CheckpointError
 
     if not path.is_file():
-        return {}
+        return []
     try:
         doc = read_json(path)
     except CheckpointError:
-        return {}
+        return []
     same = (doc.get("protocol") == settings.protocol and doc.get("protocol_args") == settings.protocol_args
             and doc.get("train_overrides", {}) == settings.train_overrides and doc.get("seed", 0) == settings.seed)
-    if not same:
-        return {}
+    return [r for r in doc.get("results", []) if isinstance(r, dict)] if same else []
+
+
+def _finished(path: Path, settings: AblationSettings) -> dict:
+    """Records of an earlier run of the same ablation in ``path``, by (variant, split):
+    reused only when the variant's config is unchanged."""
+    from gradosr.errors import CheckpointError
     from gradosr.osr import OSRConfig, make_config
 
     found = {}
-    for rec in doc.get("results", []):
+    for rec in _previous(path, settings):
         v = next((v for v in VARIANTS if v.name == rec.get("method")), None)
         if v is None or "params" in v.options:
             continue  # parameter selections resolve on the model; recomputed
@@ -221,6 +232,13 @@ def _finished(path: Path, settings: AblationSettings) -> dict:
         if stored == make_config(v.preset, **v.options).to_dict():
             found[(v.name, rec["split"])] = rec
     return found
+
+
+def _merged(records: list[dict], kept: list[dict]) -> list[dict]:
+    """This run's records and the earlier run's records of the variants not run now, in
+    the order of VARIANTS, then split."""
+    order = {name: i for i, name in enumerate(VARIANT_NAMES)}
+    return sorted(records + kept, key=lambda r: (order.get(r["method"], len(order)), r["split"]))
 
 
 def _document(settings: AblationSettings, records: list[dict], variants: list[Variant], seconds: float) -> dict:
