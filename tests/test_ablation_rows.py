@@ -133,3 +133,16 @@ def test_cli_ablate_on_some_variants_keeps_the_others(tmp_path, capsys):
     assert doc["results"][1] == first[0]
     text = (out / "results.md").read_text()
     assert "| plus |" in text and "| plus-no-logit |" in text
+
+
+def test_cli_method_flags_of_the_new_options():
+    from gradosr.cli import _method_options, build_parser
+
+    args = build_parser().parse_args(["benchmark", "--protocol", "mnist-sample", "--out", "x", "--proxy-ensemble", "2",
+                                      "--logit-inputs", "max_logit, logsumexp", "--gradient-rep", "projection",
+                                      "--projection-dim", "8", "--signals", "gradorth,features"])
+    opts = _method_options(args)
+    assert opts == {"proxy_ensemble": 2, "logit_inputs": ("max_logit", "logsumexp"), "gradient_rep": "projection",
+                    "projection_dim": 8, "signals": ("gradorth", "features")}
+    make_config("paper", **{k: v for k, v in opts.items() if k in ("proxy_ensemble", "logit_inputs")})
+    make_config("plus", **{k: v for k, v in opts.items() if k not in ("proxy_ensemble", "logit_inputs")})

@@ -72,16 +72,24 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--detector-data", choices=("train", "heldout"), default=None,
                    help="proxy-known images for the detector: the proxy's training images (paper) or held-out ones")
     g.add_argument("--proxy-unknown", type=int, default=None, help="number of proxy-unknown classes (default round(K/3))")
+    g.add_argument("--proxy-ensemble", type=int, default=None,
+                   help="paper: number of proxy splits, one detector each, P(known) averaged (default 1)")
+    g.add_argument("--logit-inputs", default=None,
+                   help="paper: comma-separated logit statistics appended to the detector inputs, among max_logit, "
+                        "logsumexp, max_softmax (default none)")
     g.add_argument("--threshold-rule", choices=("fixed", "tpr"), default=None)
     g.add_argument("--threshold", type=float, default=None, help="fixed P(known) threshold (paper: 0.95)")
     g.add_argument("--target-tpr", type=float, default=None, help="fraction of held-out knowns accepted (rule tpr)")
     g.add_argument("--hidden", type=int, default=None, help="detector hidden width (default 128)")
     g.add_argument("--signals", default=None,
                    help="plus: comma-separated signals summed by the fused detector, among gradient, features, "
-                        "max_logit, gradnorm (default gradient,features,max_logit)")
-    g.add_argument("--gradient-rep", choices=("head", "norms"), default=None,
+                        "max_logit, gradnorm, gradorth (default gradient,features,max_logit)")
+    g.add_argument("--gradient-rep", choices=("head", "norms", "projection"), default=None,
                    help="plus: gradient representation of the kNN-in-gradient-space signal: the full head-weight "
-                        "gradient (default) or the log per-parameter squared norms")
+                        "gradient (default), the log per-parameter squared norms, or a random projection of the "
+                        "full gradient of every Linear/Conv weight")
+    g.add_argument("--projection-dim", type=int, default=None,
+                   help="plus, --gradient-rep projection: projected size per side of each layer (default 16)")
     g.add_argument("--k", type=int, default=None, help="plus: the largest k of the kNN signals (default 50)")
 
 
@@ -258,10 +266,12 @@ def cmd_fit(args) -> int:
 
 def _method_options(args) -> dict:
     keys = ("target", "n_ones", "output", "log", "standardize", "detector_data", "proxy_unknown",
-            "threshold_rule", "threshold", "target_tpr", "hidden", "gradient_rep", "k")
-    options = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    if getattr(args, "signals", None) is not None:
-        options["signals"] = tuple(x.strip() for x in args.signals.split(",") if x.strip())
+            "proxy_ensemble", "threshold_rule", "threshold", "target_tpr", "hidden", "gradient_rep", "k",
+            "projection_dim")
+    options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    for key in ("signals", "logit_inputs"):
+        if getattr(args, key, None) is not None:
+            options[key] = tuple(x.strip() for x in getattr(args, key).split(",") if x.strip())
     return options
 
 
