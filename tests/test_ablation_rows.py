@@ -133,6 +133,9 @@ def test_cli_ablate_on_some_variants_keeps_the_others(tmp_path, capsys):
     assert doc["results"][1] == first[0]
     text = (out / "results.md").read_text()
     assert "| plus |" in text and "| plus-no-logit |" in text
+    assert len(doc["commands"]) == 2 and "--variants plus-no-logit" in doc["commands"][0]
+    assert doc["commands"][1] == doc["command"] and "--variants plus " in doc["command"]
+    assert all(f"- `{c}`" in text for c in doc["commands"])
 
 
 def test_cli_method_flags_of_the_new_options():

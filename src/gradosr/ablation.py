@@ -157,9 +157,12 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
     # an ablation run on some variants keeps the other variants' records of the same protocol
     kept = [r for r in _previous(out / "results.json", settings) if r.get("method") not in names]
     shown = [v for v in VARIANTS if v in variants or any(r.get("method") == v.name for r in kept)]
+    commands = _commands(out / "results.json", settings)
 
     def document() -> dict:
-        return _document(settings, _merged(records, kept), shown, time.time() - t_start)
+        doc = _document(settings, _merged(records, kept), shown, time.time() - t_start)
+        doc["commands"] = commands
+        return doc
 
     for split in settings.splits:
         spec = resolve_protocol(settings.protocol, split=split, **settings.protocol_args)
@@ -197,21 +200,33 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
     return doc
 
 
-def _previous(path: Path, settings: AblationSettings) -> list[dict]:
-    """The records of an earlier run of the same ablation in ``path`` (same protocol,
-    training options and seed), else none."""
+def _previous_document(path: Path, settings: AblationSettings) -> dict:
+    """The results document of an earlier run of the same ablation in ``path`` (same
+    protocol, training options and seed), else an empty dict."""
     from gradosr.checkpoint import read_json
     from gradosr.errors import CheckpointError
 
     if not path.is_file():
-        return []
+        return {}
     try:
         doc = read_json(path)
     except CheckpointError:
-        return []
+        return {}
     same = (doc.get("protocol") == settings.protocol and doc.get("protocol_args") == settings.protocol_args
             and doc.get("train_overrides", {}) == settings.train_overrides and doc.get("seed", 0) == settings.seed)
-    return [r for r in doc.get("results", []) if isinstance(r, dict)] if same else []
+    return doc if same else {}
+
+
+def _previous(path: Path, settings: AblationSettings) -> list[dict]:
+    """The records of an earlier run of the same ablation in ``path``, else none."""
+    return [r for r in _previous_document(path, settings).get("results", []) if isinstance(r, dict)]
+
+
+def _commands(path: Path, settings: AblationSettings) -> list[str]:
+    """Every command that wrote records of this ablation, this run's last."""
+    doc = _previous_document(path, settings)
+    earlier = doc.get("commands") or ([doc["command"]] if doc.get("command") else [])
+    return [c for c in earlier if c != settings.command] + [settings.command]
 
 
 def _finished(path: Path, settings: AblationSettings) -> dict:
@@ -260,7 +275,11 @@ def markdown(doc: dict) -> str:
     mean AUROC against the base of its family (``paper`` or ``plus``)."""
     summary = doc["summary"]
     info = {v["name"]: v for v in doc.get("variants", [])}
-    lines = [f"# Ablation: {doc.get('protocol')}", "", f"Command: `{doc['command']}`", "",
+    commands = doc.get("commands") or [doc["command"]]
+    lines = [f"# Ablation: {doc.get('protocol')}", "",
+             *(["Command: " + f"`{commands[0]}`"] if len(commands) == 1 else
+               ["Commands (their records merged; each variant from the last command that ran it):", "",
+                *[f"- `{c}`" for c in commands]]), "",
              f"Mean ± std (population) over splits {doc.get('splits')}. ΔAUROC: against the base of the "
              "family (`paper` or `plus`) on the same classifiers. `macro-F1` at the variant's own threshold "
              "rule, `macro-F1@TPR95` at 95% acceptance of held-out knowns.", "",
