@@ -60,8 +60,8 @@ def ablation_tables() -> str:
             continue
         doc = json.loads(path.read_text())
         table = markdown(doc).split("| variant |", 1)[1]
-        parts += [f"### {title}", "", f"`{doc['command'].replace(str(ROOT) + '/', '')}` ({doc.get('seconds', 0):.0f} s)",
-                  "", "| variant |" + table]
+        commands = [c.replace(str(ROOT) + "/", "") for c in doc.get("commands") or [doc["command"]]]
+        parts += [f"### {title}", "", *[f"- `{c}`" for c in commands], "", "| variant |" + table]
     return "\n".join(parts)
 
 
