@@ -75,6 +75,24 @@ def test_logit_inputs_are_appended_to_the_gradient_features(model, tmp_path):
         make_config("paper", logit_inputs=("max_logit", "entropy"))
 
 
+def test_projection_inputs_are_the_projected_gradients_below_the_head(model, tmp_path):
+    from gradosr.gradients.projection import projected_gradients
+
+    osr = make_osr(model, projection_inputs=16, standardize="none").fit(X, Y, X_VAL, Y_VAL)
+    r = osr.representations(X_VAL)
+    p = len(osr.param_names)
+    # FlatNet: Linear(64, 16) -> 16 × 16 projected columns; the head Linear(16, 6) (6 × 16) is left out
+    assert r.shape == (len(X_VAL), p + 256)
+    full = projected_gradients(model, torch.as_tensor(X_VAL), 16, seed=osr.seed)
+    assert full.shape[1] == 256 + 6 * 16
+    torch.testing.assert_close(r[:, p:], full[:, :256])
+    osr.save(tmp_path / "run")
+    loaded = GradientOSR.load(tmp_path / "run", model=trained_model())
+    np.testing.assert_array_equal(loaded.score_samples(X_VAL), osr.score_samples(X_VAL))
+    with pytest.raises(ConfigError, match="projection_inputs"):
+        make_config("paper", projection_inputs=-1)
+
+
 def test_gradorth_is_the_norm_of_the_projected_head_gradient(model):
     m = trained_model().double()
     vt, vv = views(m, X), views(m, X_VAL)
@@ -105,7 +123,7 @@ def test_ablation_reuses_records_written_before_new_options_existed(tmp_path):
     from gradosr.ablation import AblationSettings, _finished
 
     cfg = make_config("paper").to_dict()
-    for key in ("proxy_ensemble", "logit_inputs"):  # what a record of an older gradosr lacks
+    for key in ("proxy_ensemble", "logit_inputs", "projection_inputs"):  # what an older record lacks
         cfg.pop(key)
     cfg["fusion"].pop("projection_dim")
     doc = {"protocol": "mnist-sample", "protocol_args": {}, "train_overrides": {}, "seed": 0,
@@ -143,9 +161,11 @@ def test_cli_method_flags_of_the_new_options():
 
     args = build_parser().parse_args(["benchmark", "--protocol", "mnist-sample", "--out", "x", "--proxy-ensemble", "2",
                                       "--logit-inputs", "max_logit, logsumexp", "--gradient-rep", "projection",
-                                      "--projection-dim", "8", "--signals", "gradorth,features"])
+                                      "--projection-dim", "8", "--signals", "gradorth,features",
+                                      "--projection-inputs", "4"])
     opts = _method_options(args)
+    paper_keys = ("proxy_ensemble", "logit_inputs", "projection_inputs")
     assert opts == {"proxy_ensemble": 2, "logit_inputs": ("max_logit", "logsumexp"), "gradient_rep": "projection",
-                    "projection_dim": 8, "signals": ("gradorth", "features")}
-    make_config("paper", **{k: v for k, v in opts.items() if k in ("proxy_ensemble", "logit_inputs")})
-    make_config("plus", **{k: v for k, v in opts.items() if k not in ("proxy_ensemble", "logit_inputs")})
+                    "projection_dim": 8, "signals": ("gradorth", "features"), "projection_inputs": 4}
+    make_config("paper", **{k: v for k, v in opts.items() if k in paper_keys})
+    make_config("plus", **{k: v for k, v in opts.items() if k not in paper_keys})

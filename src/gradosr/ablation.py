@@ -68,6 +68,9 @@ VARIANTS: list[Variant] = [
     Variant("paper-h32", "paper", {"hidden": 32}, "detector width 32 (default 128)"),
     Variant("paper-h512", "paper", {"hidden": 512}, "detector width 512"),
     Variant("paper-wd1e-2", "paper", {"weight_decay": 1e-2}, "detector weight decay 1e-2 (default 1e-4)"),
+    Variant("paper-projection", "paper", {"projection_inputs": 16},
+            "detector inputs: a 16×16-per-layer random projection of the full gradient of every Linear/Conv weight "
+            "below the head appended to the norms", "Choe et al., 2024 (LoGra)"),
     Variant("paper-maxlogit", "paper", {"logit_inputs": ("max_logit",)},
             "detector inputs: the max logit appended to the gradient features", "Vaze et al., ICLR 2022"),
     Variant("paper-logits", "paper", {"logit_inputs": ("max_logit", "logsumexp", "max_softmax")},

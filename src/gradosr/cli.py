@@ -74,6 +74,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--proxy-unknown", type=int, default=None, help="number of proxy-unknown classes (default round(K/3))")
     g.add_argument("--proxy-ensemble", type=int, default=None,
                    help="paper: number of proxy splits, one detector each, P(known) averaged (default 1)")
+    g.add_argument("--projection-inputs", type=int, default=None,
+                   help="paper: per-side dimension of projected full gradients of the layers below the head "
+                        "appended to the detector inputs (default 0: none)")
     g.add_argument("--logit-inputs", default=None,
                    help="paper: comma-separated logit statistics appended to the detector inputs, among max_logit, "
                         "logsumexp, max_softmax (default none)")
@@ -266,7 +269,7 @@ def cmd_fit(args) -> int:
 
 def _method_options(args) -> dict:
     keys = ("target", "n_ones", "output", "log", "standardize", "detector_data", "proxy_unknown",
-            "proxy_ensemble", "threshold_rule", "threshold", "target_tpr", "hidden", "gradient_rep", "k",
+            "proxy_ensemble", "projection_inputs", "threshold_rule", "threshold", "target_tpr", "hidden", "gradient_rep", "k",
             "projection_dim")
     options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     for key in ("signals", "logit_inputs"):

@@ -87,6 +87,12 @@ class OSRConfig:
         proxy_ensemble: number of proxy splits (distinct proxy-unknown sets, the first
             the paper's single split); one proxy classifier and one detector per split,
             the score is the mean of their P(known) (an ablation of the paper's choice).
+        projection_inputs: per-side dimension of the random projections of the full
+            per-sample gradients of every Linear/Conv weight below the head
+            (:mod:`gradosr.gradients.projection`, LoGra's projection) appended to the
+            detector inputs (``proxy``; 0 = none). The head is left out: the proxy's has
+            fewer outputs than the final classifier's. The matrices are drawn from the
+            method's seed, the same for the proxy and the final classifier.
         logit_inputs: logit statistics appended to the gradient features of the detector
             (``proxy``), each computed by the same classifier as the gradients:
             ``max_logit`` (Vaze et al., ICLR 2022), ``logsumexp`` (the negative free
@@ -107,6 +113,7 @@ class OSRConfig:
     detector_data: str = "train"
     proxy_unknown: int | None = None
     proxy_ensemble: int = 1
+    projection_inputs: int = 0
     logit_inputs: tuple[str, ...] = ()
     threshold_rule: str = "fixed"
     threshold: float = 0.95
@@ -133,6 +140,9 @@ class OSRConfig:
         if isinstance(self.proxy_ensemble, bool) or int(self.proxy_ensemble) != self.proxy_ensemble \
                 or self.proxy_ensemble < 1:
             raise ConfigError(f"proxy_ensemble must be a positive integer, got {self.proxy_ensemble!r}")
+        if isinstance(self.projection_inputs, bool) or int(self.projection_inputs) != self.projection_inputs \
+                or self.projection_inputs < 0:
+            raise ConfigError(f"projection_inputs must be a non-negative integer, got {self.projection_inputs!r}")
         object.__setattr__(self, "logit_inputs", tuple(self.logit_inputs))
         bad = [s for s in self.logit_inputs if s not in LOGIT_INPUTS]
         if bad or len(set(self.logit_inputs)) != len(self.logit_inputs):
@@ -480,14 +490,35 @@ class GradientOSR:
 
     def _features(self, model: nn.Module, x: torch.Tensor, desc: str) -> torch.Tensor:
         """Transformed (log) representations of model inputs x, followed by the
-        configured ``logit_inputs`` of the same model: float64 N×(P + L)."""
-        rep = replace(self.config.representation, params=tuple(self.param_names))
-        r, _ = extract(model, x, rep, self.config.batch_size, self.progress, desc)
-        r = transform(r, rep.log)
-        if not self.config.logit_inputs:
-            return r
-        z = batched_outputs(model, x, self.config.batch_size)[0].to(torch.float64)
-        return torch.cat([r, logit_statistics(z, self.config.logit_inputs)], dim=1)
+        configured projected gradients and ``logit_inputs`` of the same model: float64
+        N×(P + R + L)."""
+        cfg = self.config
+        rep = replace(cfg.representation, params=tuple(self.param_names))
+        r, _ = extract(model, x, rep, cfg.batch_size, self.progress, desc)
+        parts = [transform(r, rep.log)]
+        if cfg.projection_inputs:
+            from gradosr.gradients.projection import projected_gradients
+
+            keep = self._projection_columns(model)
+            pg = projected_gradients(model, x, cfg.projection_inputs, rep.target, rep.n_ones, rep.output,
+                                     seed=self.seed, batch_size=cfg.batch_size)
+            parts.append(pg[:, keep])
+        if cfg.logit_inputs:
+            z = batched_outputs(model, x, cfg.batch_size)[0].to(torch.float64)
+            parts.append(logit_statistics(z, cfg.logit_inputs))
+        return torch.cat(parts, dim=1)
+
+    def _projection_columns(self, model: nn.Module) -> torch.Tensor:
+        """Indices of the projected-gradient columns of every layer but the head."""
+        from gradosr.gradients.projection import layer_widths
+        from gradosr.models import find_head_name
+
+        head, cols, start = find_head_name(model), [], 0
+        for name, width in layer_widths(model, self.config.projection_inputs):
+            if name != head:
+                cols.append(torch.arange(start, start + width))
+            start += width
+        return torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
 
     def _ensure_proxy(self, xt, yt, xv, yv, proxy_unknown: list[int], index: int, identity: dict,
                       run_dir: Path | None) -> Classifier:
@@ -655,10 +686,11 @@ class GradientOSR:
         for i, m_meta in enumerate(extra, start=1):
             self.members.append(ProxyMember(unknowns[i], MLPDetector.from_state(part(f"m{i}.net."), m_meta),
                                             scalers(f"m{i}.")))
-        width = len(self.param_names) + len(config.logit_inputs)
+        n_proj = len(self._projection_columns(clf.model)) if config.projection_inputs else 0
+        width = len(self.param_names) + n_proj + len(config.logit_inputs)
         for m in self.members:
             if m.detector.net[0].in_features != width:
                 raise CheckpointError(f"{directory}/detector expects {m.detector.net[0].in_features} features, "
-                                      f"but lists {len(self.param_names)} parameters and "
-                                      f"{len(config.logit_inputs)} logit inputs")
+                                      f"but lists {len(self.param_names)} parameters, {n_proj} projected "
+                                      f"gradients and {len(config.logit_inputs)} logit inputs")
         return self

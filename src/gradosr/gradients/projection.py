@@ -70,7 +70,7 @@ from gradosr.gradients import fast
 from gradosr.gradients.targets import check_n_ones, check_target, per_sample_loss
 from gradosr.models import eval_mode
 
-__all__ = ["projected_gradients", "projection_matrices", "projection_size"]
+__all__ = ["projected_gradients", "projection_matrices", "projection_size", "layer_widths"]
 
 _CLASSES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -118,9 +118,14 @@ def _side(size: int, dim: int) -> int:
 
 def projection_size(model: nn.Module, dim: int) -> int:
     """P, the number of columns of :func:`projected_gradients` for ``model`` and ``dim``."""
+    return sum(width for _, width in layer_widths(model, dim))
+
+
+def layer_widths(model: nn.Module, dim: int) -> list[tuple[str, int]]:
+    """``(layer name, r_out * r_in)`` of every layer, in the column order of
+    :func:`projected_gradients`."""
     dim = _check_pos_int(dim, "dim")
-    return sum(_side(m.weight.shape[0], dim) * _side(m.weight[0].numel(), dim)
-               for _, m in _layers(model))
+    return [(name, _side(m.weight.shape[0], dim) * _side(m.weight[0].numel(), dim)) for name, m in _layers(model)]
 
 
 def projection_matrices(model: nn.Module, dim: int, seed: int = 0
