@@ -109,6 +109,27 @@ def test_gradorth_is_the_norm_of_the_projected_head_gradient(model):
     np.testing.assert_allclose(det.signal_scores(views(m, x_test))["gradorth"], naive, rtol=1e-9)
 
 
+def test_fisher_combination_of_empirical_p_values(model, tmp_path):
+    m = trained_model().double()
+    vt, vv = views(m, X), views(m, X_VAL)
+    vq = views(m, make_data(3, seed=4, num_classes=10)[0])
+    det = FusionDetector(FusionConfig(combine="fisher")).fit(vt, Y, vv)
+    raw_val = FusionDetector(FusionConfig()).fit(vt, Y, vv).signal_scores(vv)
+    raw = det.signal_scores(vq)
+    expected = np.zeros(len(vq["logits"]))
+    for s, r in raw.items():  # p = (#held-out scores <= r, plus one) / (n + 1), by a naive loop
+        calib = raw_val[s]
+        expected += np.log([(np.sum(calib <= x) + 1) / (len(calib) + 1) for x in r])
+    np.testing.assert_allclose(det.score_samples(vq), expected, rtol=1e-12)
+    osr = GradientOSR.from_classifier(model, preset="plus", combine="fisher").fit(X, Y, X_VAL, Y_VAL)
+    osr.save(tmp_path / "run")
+    loaded = GradientOSR.load(tmp_path / "run", model=trained_model())
+    np.testing.assert_array_equal(loaded.score_samples(X_VAL), osr.score_samples(X_VAL))
+    assert (osr.score_samples(X_VAL) >= osr.threshold_).mean() >= 0.95
+    with pytest.raises(ConfigError, match="combine"):
+        FusionConfig(combine="max")
+
+
 def test_important_subspace_keeps_the_energy_fraction():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 3)) @ np.diag([10.0, 3.0, 0.1]) @ np.linalg.qr(rng.normal(size=(3, 3)))[0]
@@ -126,6 +147,7 @@ def test_ablation_reuses_records_written_before_new_options_existed(tmp_path):
     for key in ("proxy_ensemble", "logit_inputs", "projection_inputs"):  # what an older record lacks
         cfg.pop(key)
     cfg["fusion"].pop("projection_dim")
+    cfg["fusion"].pop("combine")
     doc = {"protocol": "mnist-sample", "protocol_args": {}, "train_overrides": {}, "seed": 0,
            "results": [{"method": "paper", "split": 0, "config": cfg},
                        {"method": "paper-n2", "split": 0, "config": cfg}]}  # n2's config differs: recomputed
@@ -162,10 +184,11 @@ def test_cli_method_flags_of_the_new_options():
     args = build_parser().parse_args(["benchmark", "--protocol", "mnist-sample", "--out", "x", "--proxy-ensemble", "2",
                                       "--logit-inputs", "max_logit, logsumexp", "--gradient-rep", "projection",
                                       "--projection-dim", "8", "--signals", "gradorth,features",
-                                      "--projection-inputs", "4"])
+                                      "--projection-inputs", "4", "--combine", "fisher"])
     opts = _method_options(args)
     paper_keys = ("proxy_ensemble", "logit_inputs", "projection_inputs")
     assert opts == {"proxy_ensemble": 2, "logit_inputs": ("max_logit", "logsumexp"), "gradient_rep": "projection",
-                    "projection_dim": 8, "signals": ("gradorth", "features"), "projection_inputs": 4}
+                    "projection_dim": 8, "signals": ("gradorth", "features"), "projection_inputs": 4,
+                    "combine": "fisher"}
     make_config("paper", **{k: v for k, v in opts.items() if k in paper_keys})
     make_config("plus", **{k: v for k, v in opts.items() if k not in paper_keys})

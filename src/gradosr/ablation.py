@@ -98,6 +98,9 @@ VARIANTS: list[Variant] = [
     Variant("plus-predicted", "plus", {"target": "predicted"}, "head gradient of the predicted-label loss"),
     Variant("plus-n2", "plus", {"n_ones": 2}, "head gradient of a confounding label with n = 2"),
     Variant("plus-sigmoid", "plus", {"output": "sigmoid"}, "head gradient of the sigmoid confounding loss"),
+    Variant("plus-fisher", "plus", {"combine": "fisher"},
+            "Fisher's combination of the signals' empirical p-values on held-out knowns instead of the sum of "
+            "z-scores", "Fisher 1925; Haroush et al., ICLR 2022"),
     Variant("plus-k10", "plus", {"k": 10}, "k = 10 instead of 50"),
 ]
 VARIANT_NAMES = [v.name for v in VARIANTS]

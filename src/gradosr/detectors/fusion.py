@@ -28,7 +28,12 @@ Neighbors", ICML 2022) and adds up several standardised signals:
 
 Each signal's raw score s (higher = known) is standardised with the mean and standard
 deviation of its scores on held-out known samples (the validation split, never
-unknowns), and the detector score is the sum of the standardised signals. kNN uses the
+unknowns), and the detector score is the sum of the standardised signals
+(``combine="sum"``). With ``combine="fisher"`` each signal gives instead an empirical
+p-value against the held-out knowns, p = (#{held-out scores <= s} + 1) / (n + 1), and
+the score is Fisher's combination Σ log p (Fisher, 1925; as in Haroush et al., "A
+Statistical Framework for Efficient Out of Distribution Detection in Deep Neural
+Networks", ICLR 2022): one signal far in its tail weighs more than in a sum of z-scores. kNN uses the
 k-th nearest training sample, k = min(``k``, the smallest class's training count).
 
 Inputs are "views" of N samples (float64 tensors): ``logits`` N×K, ``features`` N×D,
@@ -49,6 +54,7 @@ from gradosr.gradients.targets import per_sample_loss
 
 SIGNALS = ("gradient", "features", "max_logit", "gradnorm", "gradorth")
 GRADIENT_REPS = ("head", "norms", "projection")
+COMBINES = ("sum", "fisher")
 #: fraction of the known training features' energy (sum of squared singular values)
 #: kept in GradOrth's subspace; fixed a priori (GradOrth keeps an energy fraction too)
 GRADORTH_ENERGY = 0.97
@@ -57,14 +63,16 @@ _EPS = 1e-12
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """Which signals are summed (see the module docstring), the gradient representation,
-    the largest k of the kNN signals and the per-side dimension of the projected
-    gradients (``gradient_rep="projection"``)."""
+    """Which signals are combined and how (sum of z-scores or Fisher's combination of
+    p-values, see the module docstring), the gradient representation, the largest k of
+    the kNN signals and the per-side dimension of the projected gradients
+    (``gradient_rep="projection"``)."""
 
     signals: tuple[str, ...] = ("gradient", "features", "max_logit")
     gradient_rep: str = "head"
     k: int = 50
     projection_dim: int = 16
+    combine: str = "sum"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "signals", tuple(self.signals))
@@ -75,6 +83,8 @@ class FusionConfig:
             raise ConfigError(f"gradient_rep must be one of {GRADIENT_REPS}, got {self.gradient_rep!r}")
         if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
             raise ConfigError(f"k must be a positive integer, got {self.k!r}")
+        if self.combine not in COMBINES:
+            raise ConfigError(f"combine must be one of {COMBINES}, got {self.combine!r}")
         if isinstance(self.projection_dim, bool) or int(self.projection_dim) != self.projection_dim \
                 or self.projection_dim < 1:
             raise ConfigError(f"projection_dim must be a positive integer, got {self.projection_dim!r}")
@@ -147,6 +157,8 @@ class FusionDetector:
         self.config = config or FusionConfig()
         self.banks: dict[str, list[torch.Tensor]] = {}
         self.stats: dict[str, tuple[float, float]] = {}
+        #: sorted held-out known scores of every signal (``combine="fisher"``)
+        self.calibration: dict[str, torch.Tensor] = {}
         self.k_: int | None = None
 
     # ------------------------------------------------------------------ views
@@ -193,6 +205,8 @@ class FusionDetector:
             if not torch.isfinite(v).all():
                 raise DataError(f"the {s} signal of the held-out knowns is not finite")
             self.stats[s] = (float(v.mean()), max(float(v.std(unbiased=False)), _EPS))
+            if self.config.combine == "fisher":
+                self.calibration[s] = torch.sort(v).values.contiguous()
         return self
 
     def signal_scores(self, views: dict) -> dict[str, np.ndarray]:
@@ -205,8 +219,12 @@ class FusionDetector:
         n = len(torch.as_tensor(views["logits"]))
         total = np.zeros(n)
         for s, r in raw.items():
-            mean, std = self.stats[s]
-            total += (r - mean) / std
+            if self.config.combine == "fisher":
+                calib = self.calibration[s].numpy()
+                total += np.log((np.searchsorted(calib, r, side="right") + 1) / (len(calib) + 1))
+            else:
+                mean, std = self.stats[s]
+                total += (r - mean) / std
         return total
 
     # ------------------------------------------------------------ persistence
@@ -214,6 +232,7 @@ class FusionDetector:
         if self.k_ is None:
             raise ConfigError("the fused detector is not fitted")
         tensors = {f"bank.{s}.{i}": t.contiguous() for s, parts in self.banks.items() for i, t in enumerate(parts)}
+        tensors.update({f"calibration.{s}": t for s, t in self.calibration.items()})
         meta = {"kind": "fusion", "config": {**asdict(self.config), "signals": list(self.config.signals)},
                 "k": self.k_, "stats": {s: list(v) for s, v in self.stats.items()}}
         return tensors, meta
@@ -230,6 +249,8 @@ class FusionDetector:
                     det.banks[s] = [tensors[f"bank.{s}.{i}"].to(torch.float64) for i in range(n_parts)]
                 if s not in det.stats:
                     raise KeyError(f"stats of {s}")
+                if det.config.combine == "fisher":
+                    det.calibration[s] = tensors[f"calibration.{s}"].to(torch.float64)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise CheckpointError(f"the fused detector's files are incomplete: {exc}") from None
         return det
