@@ -176,6 +176,10 @@ def test_cli_ablate_on_some_variants_keeps_the_others(tmp_path, capsys):
     assert len(doc["commands"]) == 2 and "--variants plus-no-logit" in doc["commands"][0]
     assert doc["commands"][1] == doc["command"] and "--variants plus " in doc["command"]
     assert all(f"- `{c}`" in text for c in doc["commands"])
+    doc["results"][1]["config"]["fusion"]["k"] = 7  # a record of a variant defined differently since: dropped
+    (out / "results.json").write_text(json.dumps(doc))
+    assert main([a if a != "plus-no-logit" else "plus" for a in argv]) == 0, capsys.readouterr().err
+    assert [r["method"] for r in json.loads((out / "results.json").read_text())["results"]] == ["plus"]
 
 
 def test_cli_method_flags_of_the_new_options():
@@ -192,3 +196,17 @@ def test_cli_method_flags_of_the_new_options():
                     "combine": "fisher"}
     make_config("paper", **{k: v for k, v in opts.items() if k in paper_keys})
     make_config("plus", **{k: v for k, v in opts.items() if k not in paper_keys})
+
+
+def test_benchmark_reuses_a_fitted_method_written_before_new_options_existed(tmp_path):
+    from gradosr.bench.runner import _stored_identity
+    from gradosr.train import identity_mismatch
+
+    cfg = make_config("paper").to_dict()
+    for key in ("proxy_ensemble", "logit_inputs", "projection_inputs"):
+        cfg.pop(key)
+    (tmp_path / "osr.json").write_text(json.dumps({"config": cfg, "train": {"epochs": 5}}))
+    wanted = {"config": make_config("paper").to_dict(), "train": {"epochs": 5}}
+    assert identity_mismatch(_stored_identity(tmp_path / "osr.json"), wanted) is None
+    wanted["config"] = make_config("paper", proxy_ensemble=2).to_dict()
+    assert "proxy_ensemble" in identity_mismatch(_stored_identity(tmp_path / "osr.json"), wanted)

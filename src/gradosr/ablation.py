@@ -78,8 +78,9 @@ VARIANTS: list[Variant] = [
             "Vaze et al., ICLR 2022; Liu et al., NeurIPS 2020; Hendrycks & Gimpel, ICLR 2017"),
     Variant("paper-tpr", "paper", {"threshold_rule": "tpr"},
             "threshold accepting 95% of held-out knowns instead of P(known) >= 0.95 (macro-F1 only)"),
-    Variant("plus", "plus", {}, "kNN on the head's confounding gradient + kNN on features + max logit",
-            "Sun et al., ICML 2022; Vaze et al., ICLR 2022"),
+    Variant("plus", "plus", {}, "kNN on the head's confounding gradient + kNN on features + max logit, "
+            "Fisher's combination of their p-values on held-out knowns",
+            "Sun et al., ICML 2022; Vaze et al., ICLR 2022; Fisher 1925"),
     Variant("plus-no-gradient", "plus", {"signals": ("features", "max_logit")}, "without the gradient signal"),
     Variant("plus-no-features", "plus", {"signals": ("gradient", "max_logit")}, "without the feature kNN"),
     Variant("plus-no-logit", "plus", {"signals": ("gradient", "features")}, "without the max logit"),
@@ -98,9 +99,9 @@ VARIANTS: list[Variant] = [
     Variant("plus-predicted", "plus", {"target": "predicted"}, "head gradient of the predicted-label loss"),
     Variant("plus-n2", "plus", {"n_ones": 2}, "head gradient of a confounding label with n = 2"),
     Variant("plus-sigmoid", "plus", {"output": "sigmoid"}, "head gradient of the sigmoid confounding loss"),
-    Variant("plus-fisher", "plus", {"combine": "fisher"},
-            "Fisher's combination of the signals' empirical p-values on held-out knowns instead of the sum of "
-            "z-scores", "Fisher 1925; Haroush et al., ICLR 2022"),
+    Variant("plus-sum", "plus", {"combine": "sum"},
+            "the sum of the signals' z-scores on held-out knowns instead of Fisher's combination of their "
+            "p-values (the plus preset as first shipped)"),
     Variant("plus-k10", "plus", {"k": 10}, "k = 10 instead of 50"),
 ]
 VARIANT_NAMES = [v.name for v in VARIANTS]
@@ -161,7 +162,10 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
     done = _finished(out / "results.json", settings)
     names = {v.name for v in variants}
     # an ablation run on some variants keeps the other variants' records of the same protocol
-    kept = [r for r in _previous(out / "results.json", settings) if r.get("method") not in names]
+    # (those whose variant has changed since are dropped)
+    params_variants = {v.name for v in VARIANTS if "params" in v.options}
+    kept = [r for r in _previous(out / "results.json", settings) if r.get("method") not in names
+            and (r.get("method") in params_variants or (r.get("method"), r.get("split")) in done)]
     shown = [v for v in VARIANTS if v in variants or any(r.get("method") == v.name for r in kept)]
     commands = _commands(out / "results.json", settings)
 

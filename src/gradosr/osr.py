@@ -170,7 +170,7 @@ class OSRConfig:
 PRESETS: dict[str, OSRConfig] = {
     "paper": OSRConfig(),
     # chosen on the mnist-sample splits only (docs/ablation.md)
-    "plus": OSRConfig(preset="plus", method="fusion", threshold_rule="tpr"),
+    "plus": OSRConfig(preset="plus", method="fusion", threshold_rule="tpr", fusion=FusionConfig(combine="fisher")),
 }
 #: the preset of ``gradosr fit``/``evaluate``/``benchmark`` and of the demo
 DEFAULT_PRESET = "plus"

@@ -112,6 +112,19 @@ def _cache(folder: Path, identity: dict, methods_identity: dict | None = None
     return cached
 
 
+def _stored_identity(path: Path) -> dict:
+    """A fitted method's osr.json, its config with the options added since it was
+    written read as their defaults (so that an older run still matches)."""
+    from gradosr.osr import OSRConfig
+
+    stored = read_json(path)
+    try:
+        stored["config"] = OSRConfig.from_dict(stored.get("config") or {}).to_dict()
+    except (CheckpointError, ConfigError):
+        pass  # compared as it is: a mismatch, refitted
+    return stored
+
+
 def _fitted_osr(data, settings: BenchmarkSettings, config, run_dir: Path, methods: list[str]):
     """(classifier, {preset: GradientOSR}) of one split, trained or reused.
 
@@ -129,7 +142,7 @@ def _fitted_osr(data, settings: BenchmarkSettings, config, run_dir: Path, method
         folder = preset_dir(run_dir, preset)
         wanted = make_config(preset, **options)
         reuse = (folder / "osr.json").is_file() and identity_mismatch(
-            read_json(folder / "osr.json"), {"config": wanted.to_dict(), "train": config.to_dict()}) is None
+            _stored_identity(folder / "osr.json"), {"config": wanted.to_dict(), "train": config.to_dict()}) is None
         if distributed.agree(reuse):  # rank 0 decides: fitting is collective
             fitted[preset] = GradientOSR.load(folder, device=settings.device)
             continue
