@@ -15,8 +15,9 @@ Gradient-Based Representations", ICIP 2021.
 Every choice the paper leaves open is an option of :class:`OSRConfig`, recorded in
 ``osr.json``. Presets: ``paper`` (the paper as stated, DESIGN.md §2) and ``plus``
 (``method="fusion"``: no proxy classifier; the final classifier's known training
-samples are modelled directly, summing standardised kNN-in-gradient-space, kNN-on-feature
-and max-logit signals, see :mod:`gradosr.detectors.fusion` and docs/ablation.md).
+samples are modelled directly, combining kNN-in-gradient-space, kNN-on-feature and
+max-logit signals by Fisher's method on their p-values against held-out knowns, see
+:mod:`gradosr.detectors.fusion` and docs/ablation.md).
 """
 
 from __future__ import annotations
@@ -587,8 +588,8 @@ class GradientOSR:
 
     def score_samples(self, x) -> np.ndarray:
         """Score of each input (float64 N), higher = more likely known: P(known) for the
-        ``proxy`` method (the mean over the proxy splits of an ensemble), the sum of
-        standardised signals for ``fusion``."""
+        ``proxy`` method (the mean over the proxy splits of an ensemble), the combined
+        signals for ``fusion`` (:class:`gradosr.detectors.fusion.FusionDetector`)."""
         self._check_fitted()
         if self.config.method == "fusion":
             return self.detector.score_samples(self._views(self.classifier.inputs(x)))

@@ -146,7 +146,8 @@ def important_subspace(features: torch.Tensor, energy: float = GRADORTH_ENERGY) 
 
 
 class FusionDetector:
-    """Sum of standardised one-class signals of the final classifier (``plus`` preset).
+    """Combined one-class signals of the final classifier (``plus`` preset): the sum of
+    their z-scores or Fisher's combination of their p-values on held-out knowns.
 
     ``fit(train, labels, val)``: views of known training samples (labels 0..K-1) and of
     held-out knowns; ``score_samples(views)``: float64 N, higher = more likely known;
