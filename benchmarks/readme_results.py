@@ -45,7 +45,8 @@ def section() -> str:
         if not path.is_file():
             continue
         doc = json.loads(path.read_text())
-        parts += [f"### {title.format(n=len(doc.get('splits', [])))}", "", f"`{doc['command'].replace(str(ROOT) + '/', '')}` ({doc.get('seconds', 0):.0f} s)", "",
+        parts += [f"### {title.format(n=len(doc.get('splits', [])))}", "", f"`{doc['command'].replace(str(ROOT) + '/', '')}` (last run {doc.get('seconds', 0):.0f} s on 2 CPU cores, "
+                  "reusing the stored classifiers and cached scores)", "",
                   markdown_table(doc["summary"]), ""]
     return "\n".join(parts)
 
