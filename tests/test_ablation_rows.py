@@ -147,6 +147,7 @@ def test_ablation_reuses_records_written_before_new_options_existed(tmp_path):
         cfg.pop(key)
     cfg["fusion"].pop("projection_dim")
     cfg["fusion"].pop("combine")
+    cfg["fusion"].pop("gradient_metric")
     doc = {"protocol": "mnist-sample", "protocol_args": {}, "train_overrides": {}, "seed": 0,
            "results": [{"method": "paper", "split": 0, "config": cfg},
                        {"method": "paper-n2", "split": 0, "config": cfg}]}  # n2's config differs: recomputed
@@ -208,3 +209,23 @@ def test_benchmark_reuses_a_fitted_method_written_before_new_options_existed(tmp
     assert identity_mismatch(_stored_identity(tmp_path / "osr.json"), wanted) is None
     wanted["config"] = make_config("paper", proxy_ensemble=2).to_dict()
     assert "proxy_ensemble" in identity_mismatch(_stored_identity(tmp_path / "osr.json"), wanted)
+
+
+@pytest.mark.parametrize("rep", ["norms", "projection"])
+def test_mahalanobis_in_gradient_space_equals_the_baseline_on_the_gradients(model, tmp_path, rep):
+    from gradosr.detectors.base import ClassifierOutputs
+    from gradosr.detectors.mahalanobis import Mahalanobis
+
+    osr = GradientOSR.from_classifier(model, preset="plus", gradient_rep=rep, gradient_metric="mahalanobis",
+                                      signals=("gradient",)).fit(X, Y, X_VAL, Y_VAL)
+    x_test = make_data(3, seed=4, num_classes=10)[0]
+    vt, vq = osr._views(osr.classifier.inputs(X)), osr._views(osr.classifier.inputs(x_test))
+    key = "norms" if rep == "norms" else "gproj"
+    ref = Mahalanobis().fit(ClassifierOutputs(vt["logits"], vt[key]), Y)  # the baseline, on the gradient matrix
+    expected = ref.score_samples(ClassifierOutputs(vq["logits"], vq[key]))
+    np.testing.assert_allclose(osr.detector.signal_scores(vq)["gradient"], expected, rtol=1e-10)
+    osr.save(tmp_path / "run")
+    loaded = GradientOSR.load(tmp_path / "run", model=trained_model())
+    np.testing.assert_allclose(loaded.score_samples(x_test), osr.score_samples(x_test), rtol=1e-12)
+    with pytest.raises(ConfigError, match="mahalanobis needs"):
+        FusionConfig(gradient_metric="mahalanobis")

@@ -92,6 +92,12 @@ VARIANTS: list[Variant] = [
             "Linear/Conv weight", "Choe et al., 2024 (LoGra); Park et al., ICML 2023 (TRAK)"),
     Variant("plus-projection-only", "plus", {"gradient_rep": "projection", "signals": ("gradient",)},
             "the projected full-gradient kNN alone", "Choe et al., 2024 (LoGra)"),
+    Variant("plus-projection-mahalanobis", "plus", {"gradient_rep": "projection", "gradient_metric": "mahalanobis"},
+            "gradient signal: Mahalanobis distance (tied covariance, nearest class mean) of the projected full "
+            "gradient", "Lee et al., NeurIPS 2018, in gradient space"),
+    Variant("plus-norms-mahalanobis", "plus", {"gradient_rep": "norms", "gradient_metric": "mahalanobis"},
+            "gradient signal: Mahalanobis distance of the standardised log per-parameter squared norms",
+            "Lee et al., NeurIPS 2018, in gradient space"),
     Variant("plus-gradorth", "plus", {"signals": ("gradorth", "features", "max_logit")},
             "GradOrth's projected head-gradient norm in place of the gradient kNN", "Behpour et al., NeurIPS 2023"),
     Variant("plus-gradnorm", "plus", {"signals": ("gradnorm", "features", "max_logit")},

@@ -93,6 +93,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--projection-dim", type=int, default=None,
                    help="plus, --gradient-rep projection: projected size per side of each layer (default 16)")
     g.add_argument("--k", type=int, default=None, help="plus: the largest k of the kNN signals (default 50)")
+    g.add_argument("--gradient-metric", choices=("knn", "mahalanobis"), default=None,
+                   help="plus, --gradient-rep norms|projection: cosine/Euclidean kNN (default) or the Mahalanobis "
+                        "distance to the nearest class mean of the known training gradients")
     g.add_argument("--combine", choices=("sum", "fisher"), default=None,
                    help="plus: how the signals are combined: the sum of their z-scores on held-out knowns, or "
                         "Fisher's combination of their empirical p-values")
@@ -272,7 +275,7 @@ def cmd_fit(args) -> int:
 def _method_options(args) -> dict:
     keys = ("target", "n_ones", "output", "log", "standardize", "detector_data", "proxy_unknown",
             "proxy_ensemble", "projection_inputs", "threshold_rule", "threshold", "target_tpr", "hidden", "gradient_rep", "k",
-            "projection_dim", "combine")
+            "projection_dim", "combine", "gradient_metric")
     options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     for key in ("signals", "logit_inputs"):
         if getattr(args, key, None) is not None:

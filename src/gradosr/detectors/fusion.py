@@ -16,7 +16,12 @@ Neighbors", ICML 2022) and adds up several standardised signals:
   of the full per-sample gradient of every Linear/Conv weight of the classifier
   (LoGra's Kronecker-factored projection, Choe et al. 2024; after TRAK, Park et al.,
   ICML 2023; see :mod:`gradosr.gradients.projection`), ``projection_dim`` per side of
-  each layer, with cosine kNN: it reaches the layers below the head.
+  each layer, with cosine kNN: it reaches the layers below the head. With
+  ``gradient_metric="mahalanobis"`` (``norms`` or ``projection``) the gradient signal is
+  instead minus the Mahalanobis distance to the nearest class mean of the known
+  training gradients under their tied covariance (Lee et al., NeurIPS 2018, applied in
+  gradient space: the class-centred second moment of per-sample gradients is a centred
+  empirical Fisher information), :class:`gradosr.detectors.mahalanobis.Mahalanobis`.
 - ``features``: kNN on L2-normalised penultimate features (Sun et al., 2022);
 - ``max_logit``: the maximum logit (Vaze et al., ICLR 2022);
 - ``gradnorm``: log ‖dJ/dW‖₁ of the head under the uniform target (Huang et al.,
@@ -55,6 +60,7 @@ from gradosr.gradients.targets import per_sample_loss
 SIGNALS = ("gradient", "features", "max_logit", "gradnorm", "gradorth")
 GRADIENT_REPS = ("head", "norms", "projection")
 COMBINES = ("sum", "fisher")
+GRADIENT_METRICS = ("knn", "mahalanobis")
 #: fraction of the known training features' energy (sum of squared singular values)
 #: kept in GradOrth's subspace; fixed a priori (GradOrth keeps an energy fraction too)
 GRADORTH_ENERGY = 0.97
@@ -73,6 +79,7 @@ class FusionConfig:
     k: int = 50
     projection_dim: int = 16
     combine: str = "sum"
+    gradient_metric: str = "knn"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "signals", tuple(self.signals))
@@ -83,6 +90,10 @@ class FusionConfig:
             raise ConfigError(f"gradient_rep must be one of {GRADIENT_REPS}, got {self.gradient_rep!r}")
         if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
             raise ConfigError(f"k must be a positive integer, got {self.k!r}")
+        if self.gradient_metric not in GRADIENT_METRICS:
+            raise ConfigError(f"gradient_metric must be one of {GRADIENT_METRICS}, got {self.gradient_metric!r}")
+        if self.gradient_metric == "mahalanobis" and self.gradient_rep == "head":
+            raise ConfigError("gradient_metric mahalanobis needs gradient_rep norms or projection")
         if self.combine not in COMBINES:
             raise ConfigError(f"combine must be one of {COMBINES}, got {self.combine!r}")
         if isinstance(self.projection_dim, bool) or int(self.projection_dim) != self.projection_dim \
@@ -160,6 +171,7 @@ class FusionDetector:
         self.stats: dict[str, tuple[float, float]] = {}
         #: sorted held-out known scores of every signal (``combine="fisher"``)
         self.calibration: dict[str, torch.Tensor] = {}
+        self.mahalanobis_ = None  # gradient_metric="mahalanobis": a fitted Mahalanobis scorer
         self.k_: int | None = None
 
     # ------------------------------------------------------------------ views
@@ -184,8 +196,16 @@ class FusionDetector:
             g = torch.as_tensor(views["g_uniform"]).to(torch.float64)
             h = torch.as_tensor(views["features"]).to(torch.float64)
             return torch.log((g.norm(dim=1) * (h @ self.banks["gradorth"][0]).norm(dim=1)).clamp_min(1e-300))
+        if signal == "gradient" and self.config.gradient_metric == "mahalanobis":
+            return torch.as_tensor(self.mahalanobis_.score_samples(self._gradient_outputs(views)))
         euclid = signal == "gradient" and self.config.gradient_rep == "norms"
         return -kth_neighbour_distance(self._factors(signal, views), self.banks[signal], self.k_, euclidean=euclid)
+
+    def _gradient_outputs(self, views: dict):
+        from gradosr.detectors.base import ClassifierOutputs
+
+        rep = views["norms"] if self.config.gradient_rep == "norms" else views["gproj"]
+        return ClassifierOutputs(torch.as_tensor(views["logits"]), torch.as_tensor(rep).to(torch.float64))
 
     # -------------------------------------------------------------- fit/score
     def fit(self, train: dict, labels: np.ndarray, val: dict) -> "FusionDetector":
@@ -197,7 +217,13 @@ class FusionDetector:
         if len(torch.as_tensor(val["logits"])) < 2:
             raise DataError("the fused detector needs at least 2 held-out known samples")
         self.k_ = int(min(self.config.k, counts.min()))
-        self.banks = {s: self._factors(s, train) for s in self.config.signals if s in ("gradient", "features")}
+        mahalanobis = self.config.gradient_metric == "mahalanobis" and "gradient" in self.config.signals
+        self.banks = {s: self._factors(s, train) for s in self.config.signals
+                      if s == "features" or (s == "gradient" and not mahalanobis)}
+        if mahalanobis:
+            from gradosr.detectors.mahalanobis import Mahalanobis
+
+            self.mahalanobis_ = Mahalanobis().fit(self._gradient_outputs(train), y)
         if "gradorth" in self.config.signals:
             self.banks["gradorth"] = [important_subspace(torch.as_tensor(train["features"]))]
         self.stats = {}
@@ -234,6 +260,9 @@ class FusionDetector:
             raise ConfigError("the fused detector is not fitted")
         tensors = {f"bank.{s}.{i}": t.contiguous() for s, parts in self.banks.items() for i, t in enumerate(parts)}
         tensors.update({f"calibration.{s}": t for s, t in self.calibration.items()})
+        if self.mahalanobis_ is not None:
+            tensors["mahalanobis.means"] = torch.as_tensor(self.mahalanobis_.means_)
+            tensors["mahalanobis.whiten"] = torch.as_tensor(self.mahalanobis_.whiten_)
         meta = {"kind": "fusion", "config": {**asdict(self.config), "signals": list(self.config.signals)},
                 "k": self.k_, "stats": {s: list(v) for s, v in self.stats.items()}}
         return tensors, meta
@@ -244,8 +273,13 @@ class FusionDetector:
             det = cls(FusionConfig(**meta["config"]))
             det.k_ = int(meta["k"])
             det.stats = {s: (float(v[0]), float(v[1])) for s, v in meta["stats"].items()}
+            if det.config.gradient_metric == "mahalanobis" and "gradient" in det.config.signals:
+                from gradosr.detectors.mahalanobis import Mahalanobis
+
+                det.mahalanobis_ = Mahalanobis.from_state(tensors["mahalanobis.means"].to(torch.float64).numpy(),
+                                                          tensors["mahalanobis.whiten"].to(torch.float64).numpy())
             for s in det.config.signals:
-                if s in ("gradient", "features", "gradorth"):
+                if s in ("features", "gradorth") or (s == "gradient" and det.mahalanobis_ is None):
                     n_parts = 2 if (s == "gradient" and det.config.gradient_rep == "head") else 1
                     det.banks[s] = [tensors[f"bank.{s}.{i}"].to(torch.float64) for i in range(n_parts)]
                 if s not in det.stats:

@@ -88,6 +88,16 @@ class Mahalanobis(OutputScorer):
         self.params = {**self.params, "rank": self.rank_}
         return self
 
+    @classmethod
+    def from_state(cls, means: np.ndarray, whiten: np.ndarray) -> "Mahalanobis":
+        """A fitted scorer from its class means (K×D) and whitening matrix (D×r, Σ⁺ = W Wᵀ)."""
+        det = cls()
+        det.means_ = np.asarray(means, dtype=np.float64)
+        det.whiten_ = np.asarray(whiten, dtype=np.float64)
+        det.rank_ = det.whiten_.shape[1]
+        det.centres_ = det.means_ @ det.whiten_
+        return det
+
     def distances(self, outputs: ClassifierOutputs) -> np.ndarray:
         """Squared Mahalanobis distances N×K to the class means (float64)."""
         if self.means_ is None:
