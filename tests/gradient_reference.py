@@ -21,26 +21,34 @@ def close(actual, expected, rtol=RTOL, atol=ATOL):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
-def naive(model, x, names, **kw):
-    """Per-sample loop: forward x[i:i+1] in eval mode, autograd.grad over the selected
-    parameters (a parameter the forward does not use has a zero gradient)."""
+def naive_gradients(model, x, params, **kw) -> list[tuple]:
+    """Per-sample loop: forward x[i:i+1] in eval mode and autograd.grad of its own loss
+    over the tensors ``params`` (None where the forward does not use one); one tuple per
+    sample. The model's training flags and the params' requires_grad are restored."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
-    named = dict(model.named_parameters())
-    params = [named[n] for n in names]
     req = [p.requires_grad for p in params]
     try:
         for p in params:
             p.requires_grad_(True)
-        rows = []
+        out = []
         for i in range(x.shape[0]):
             loss = per_sample_loss(model(x[i : i + 1]), **kw).sum()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            rows.append(torch.stack([
-                g.pow(2).sum() if g is not None else loss.new_zeros(()) for g in grads]))
-        return torch.stack(rows).detach()
+            out.append(torch.autograd.grad(loss, params, allow_unused=True))
+        return out
     finally:
         for p, r in zip(params, req):
             p.requires_grad_(r)
         for m, f in flags:
             m.training = f
+
+
+def naive(model, x, names, **kw):
+    """Per-sample squared gradient norms of the selected parameters, by
+    :func:`naive_gradients` (a parameter the forward does not use has a zero gradient)."""
+    named = dict(model.named_parameters())
+    params = [named[n] for n in names]
+    grads = naive_gradients(model, x, params, **kw)
+    return torch.stack([
+        torch.stack([g.pow(2).sum() if g is not None else p.new_zeros(()) for g, p in zip(row, params)])
+        for row in grads]).detach()

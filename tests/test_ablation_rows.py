@@ -140,7 +140,7 @@ def test_important_subspace_keeps_the_energy_fraction():
 def test_ablation_reuses_records_written_before_new_options_existed(tmp_path):
     from pathlib import Path
 
-    from gradosr.ablation import AblationSettings, _finished
+    from gradosr.ablation import AblationSettings, _finished, _previous_document
 
     cfg = make_config("paper").to_dict()
     for key in ("proxy_ensemble", "logit_inputs", "projection_inputs"):  # what an older record lacks
@@ -153,7 +153,7 @@ def test_ablation_reuses_records_written_before_new_options_existed(tmp_path):
                        {"method": "paper-n2", "split": 0, "config": cfg}]}  # n2's config differs: recomputed
     path = Path(tmp_path) / "results.json"
     path.write_text(json.dumps(doc))
-    found = _finished(path, AblationSettings("mnist-sample", [0], ["all"], tmp_path))
+    found = _finished(_previous_document(path, AblationSettings("mnist-sample", [0], ["all"], tmp_path)))
     assert list(found) == [("paper", 0)]
 
 

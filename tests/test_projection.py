@@ -17,15 +17,7 @@ from gradosr.gradients.projection import (
     projection_size,
 )
 from gradosr.models import LeNet
-
-TARGETS = {
-    "confounding": dict(),
-    "confounding_n2": dict(n_ones=2),
-    "sigmoid": dict(output="sigmoid"),
-    "predicted": dict(target="predicted"),
-    "uniform": dict(target="uniform"),
-}
-
+from gradient_reference import TARGETS, naive_gradients
 
 def close(actual, expected, rtol=1e-10, atol=1e-12):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
@@ -77,36 +69,24 @@ class Mixed(nn.Module):
 
 
 def naive_projected(model, x, dim, seed=0, **kw):
-    """Per sample: autograd.grad of its own loss w.r.t. every layer weight, projected
-    explicitly as vec(P_out^T dW P_in) with the module's projection matrices."""
+    """Per sample: autograd.grad of its own loss w.r.t. every layer weight
+    (:func:`gradient_reference.naive_gradients`), projected explicitly as
+    vec(P_out^T dW P_in) with the module's projection matrices."""
     mats = projection_matrices(model, dim, seed)
     modules = dict(model.named_modules())
     weights = [modules[name].weight for name, _, _ in mats]
-    flags = [(m, m.training) for m in model.modules()]
-    req = [w.requires_grad for w in weights]
-    model.eval()
-    try:
-        for w in weights:
-            w.requires_grad_(True)
-        rows = []
-        for i in range(x.shape[0]):
-            loss = per_sample_loss(model(x[i:i + 1]), **kw).sum()
-            grads = torch.autograd.grad(loss, weights, allow_unused=True)
-            parts = []
-            for (_, p_out, p_in), w, gw in zip(mats, weights, grads):
-                gm = (torch.zeros_like(w) if gw is None else gw).reshape(w.shape[0], -1)
-                if p_out is not None:
-                    gm = p_out.T @ gm
-                if p_in is not None:
-                    gm = gm @ p_in
-                parts.append(gm.reshape(-1))
-            rows.append(torch.cat(parts))
-        return torch.stack(rows).detach()
-    finally:
-        for w, r in zip(weights, req):
-            w.requires_grad_(r)
-        for m, f in flags:
-            m.training = f
+    rows = []
+    for grads in naive_gradients(model, x, weights, **kw):
+        parts = []
+        for (_, p_out, p_in), w, gw in zip(mats, weights, grads):
+            gm = (torch.zeros_like(w) if gw is None else gw).reshape(w.shape[0], -1)
+            if p_out is not None:
+                gm = p_out.T @ gm
+            if p_in is not None:
+                gm = gm @ p_in
+            parts.append(gm.reshape(-1))
+        rows.append(torch.cat(parts))
+    return torch.stack(rows).detach()
 
 
 @pytest.mark.parametrize("kw", TARGETS.values(), ids=TARGETS.keys())

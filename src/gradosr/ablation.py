@@ -165,15 +165,16 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
     out = Path(settings.out)
     records: list[dict] = []
     t_start = time.time()
-    done = _finished(out / "results.json", settings)
+    previous = _previous_document(out / "results.json", settings)  # read once
+    done = _finished(previous)
     names = {v.name for v in variants}
     # an ablation run on some variants keeps the other variants' records of the same protocol
     # (those whose variant has changed since are dropped)
     params_variants = {v.name for v in VARIANTS if "params" in v.options}
-    kept = [r for r in _previous(out / "results.json", settings) if r.get("method") not in names
+    kept = [r for r in _records(previous) if r.get("method") not in names
             and (r.get("method") in params_variants or (r.get("method"), r.get("split")) in done)]
     shown = [v for v in VARIANTS if v in variants or any(r.get("method") == v.name for r in kept)]
-    commands = _commands(out / "results.json", settings)
+    commands = _commands(previous, settings)
 
     def document() -> dict:
         doc = _document(settings, _merged(records, kept), shown, time.time() - t_start)
@@ -233,26 +234,25 @@ def _previous_document(path: Path, settings: AblationSettings) -> dict:
     return doc if same else {}
 
 
-def _previous(path: Path, settings: AblationSettings) -> list[dict]:
-    """The records of an earlier run of the same ablation in ``path``, else none."""
-    return [r for r in _previous_document(path, settings).get("results", []) if isinstance(r, dict)]
+def _records(previous: dict) -> list[dict]:
+    """The records of an earlier run's document (:func:`_previous_document`)."""
+    return [r for r in previous.get("results", []) if isinstance(r, dict)]
 
 
-def _commands(path: Path, settings: AblationSettings) -> list[str]:
+def _commands(previous: dict, settings: AblationSettings) -> list[str]:
     """Every command that wrote records of this ablation, this run's last."""
-    doc = _previous_document(path, settings)
-    earlier = doc.get("commands") or ([doc["command"]] if doc.get("command") else [])
+    earlier = previous.get("commands") or ([previous["command"]] if previous.get("command") else [])
     return [c for c in earlier if c != settings.command] + [settings.command]
 
 
-def _finished(path: Path, settings: AblationSettings) -> dict:
-    """Records of an earlier run of the same ablation in ``path``, by (variant, split):
-    reused only when the variant's config is unchanged."""
+def _finished(previous: dict) -> dict:
+    """Records of an earlier run's document (:func:`_previous_document`), by (variant,
+    split): reused only when the variant's config is unchanged."""
     from gradosr.errors import CheckpointError
     from gradosr.osr import OSRConfig, make_config
 
     found = {}
-    for rec in _previous(path, settings):
+    for rec in _records(previous):
         v = next((v for v in VARIANTS if v.name == rec.get("method")), None)
         if v is None or "params" in v.options:
             continue  # parameter selections resolve on the model; recomputed
