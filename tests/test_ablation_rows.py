@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from gradosr.detectors.fusion import GRADORTH_ENERGY, FusionConfig, FusionDetector, important_subspace
+from gradosr.detectors.fusion import FusionConfig
+from gradosr.detectors.gradorth import GRADORTH_ENERGY, important_subspace
 from gradosr.errors import CheckpointError, ConfigError
-from gradosr.osr import GradientOSR, make_config, proxy_split, proxy_splits
+from gradosr.methods.splits import proxy_split, proxy_splits
+from gradosr.osr import GradientOSR, make_config
 from test_osr import K, X, X_VAL, Y, Y_VAL, make_data, make_osr, trained_model
-from test_plus import naive_head_gradients, views
+from test_plus import fused, naive_head_gradients, views
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def test_ensemble_score_is_the_mean_of_single_split_methods(model, tmp_path):
     seed1 = next(s for s in range(100) if proxy_split(K, s) == second)
     single0 = make_osr(model).fit(X, Y, X_VAL, Y_VAL)
     single1 = make_osr(model, seed=seed1).fit(X, Y, X_VAL, Y_VAL)
-    assert [m.proxy_unknown for m in ens.members] == [single0.proxy_unknown, single1.proxy_unknown]
+    assert [m.proxy_unknown for m in ens.method_.members_] == [single0.method_.members_[0].proxy_unknown, single1.method_.members_[0].proxy_unknown]
     x_test, _ = make_data(4, seed=2, num_classes=10)
     expected = (single0.score_samples(x_test) + single1.score_samples(x_test)) / 2
     np.testing.assert_allclose(ens.score_samples(x_test), expected, rtol=1e-6, atol=1e-7)
@@ -48,8 +50,8 @@ def test_ensemble_score_is_the_mean_of_single_split_methods(model, tmp_path):
     assert (tmp_path / "run" / "proxy" / "model.json").is_file()
     assert (tmp_path / "run" / "proxy2" / "model.json").is_file()
     meta = json.loads((tmp_path / "run" / "osr.json").read_text())
-    assert meta["proxy_unknowns"] == [single0.proxy_unknown, single1.proxy_unknown]
     loaded = GradientOSR.load(tmp_path / "run", model=trained_model())
+    assert [m.proxy_unknown for m in loaded.method_.members_] == [m.proxy_unknown for m in ens.method_.members_]
     np.testing.assert_array_equal(loaded.score_samples(x_test), ens.score_samples(x_test))
     meta["config"]["proxy_ensemble"] = 3  # a member missing from the files
     (tmp_path / "run" / "osr.json").write_text(json.dumps(meta))
@@ -61,12 +63,12 @@ def test_logit_inputs_are_appended_to_the_gradient_features(model, tmp_path):
     names = ("max_logit", "logsumexp", "max_softmax")
     osr = make_osr(model, logit_inputs=names, standardize="none").fit(X, Y, X_VAL, Y_VAL)
     r = osr.representations(X_VAL)
-    assert r.shape == (len(X_VAL), len(osr.param_names) + 3)
+    assert r.shape == (len(X_VAL), len(osr.method_.param_names_) + 3)
     with torch.no_grad():
         z = model(torch.as_tensor(X_VAL)).double()
     expected = torch.stack([z.max(1).values, torch.logsumexp(z, 1), torch.softmax(z, 1).max(1).values], 1)
     torch.testing.assert_close(r[:, -3:], expected, rtol=1e-5, atol=1e-5)
-    assert osr.detector.net[0].in_features == len(osr.param_names) + 3
+    assert osr.method_.members_[0].detector.net_[0].in_features == len(osr.method_.param_names_) + 3
     osr.save(tmp_path / "run")
     loaded = GradientOSR.load(tmp_path / "run", model=trained_model())
     np.testing.assert_array_equal(loaded.score_samples(X_VAL), osr.score_samples(X_VAL))
@@ -79,7 +81,7 @@ def test_projection_inputs_are_the_projected_gradients_below_the_head(model, tmp
 
     osr = make_osr(model, projection_inputs=16, standardize="none").fit(X, Y, X_VAL, Y_VAL)
     r = osr.representations(X_VAL)
-    p = len(osr.param_names)
+    p = len(osr.method_.param_names_)
     # FlatNet: Linear(64, 16) -> 16 × 16 projected columns; the head Linear(16, 6) (6 × 16) is left out
     assert r.shape == (len(X_VAL), p + 256)
     full = projected_gradients(model, torch.as_tensor(X_VAL), 16, seed=osr.seed)
@@ -96,13 +98,13 @@ def test_gradorth_is_the_norm_of_the_projected_head_gradient(model):
     m = trained_model().double()
     vt, vv = views(m, X), views(m, X_VAL)
     x_test = make_data(3, seed=4, num_classes=10)[0]
-    det = FusionDetector(FusionConfig(signals=("gradorth",))).fit(vt, Y, vv)
+    det = fused(FusionConfig(signals=("gradorth",)), vt, vv)
     # the subspace by hand: numpy's SVD and the smallest rank holding GRADORTH_ENERGY
-    _, sv, vh = np.linalg.svd(vt["features"].numpy(), full_matrices=False)
+    _, sv, vh = np.linalg.svd(vt.features.numpy(), full_matrices=False)
     share = np.cumsum(sv ** 2) / np.sum(sv ** 2)
     r = int(np.argmax(share >= GRADORTH_ENERGY)) + 1
     basis = vh[:r].T
-    assert important_subspace(vt["features"]).shape == (vt["features"].shape[1], r)
+    assert important_subspace(vt.features).shape == (vt.features.shape[1], r)
     grads = naive_head_gradients(m, x_test, "uniform").numpy()  # N×K×D
     naive = np.log(np.linalg.norm(grads @ basis @ basis.T, axis=(1, 2)))
     np.testing.assert_allclose(det.signal_scores(views(m, x_test))["gradorth"], naive, rtol=1e-9)
@@ -112,10 +114,10 @@ def test_fisher_combination_of_empirical_p_values(model, tmp_path):
     m = trained_model().double()
     vt, vv = views(m, X), views(m, X_VAL)
     vq = views(m, make_data(3, seed=4, num_classes=10)[0])
-    det = FusionDetector(FusionConfig(combine="fisher")).fit(vt, Y, vv)
-    raw_val = FusionDetector(FusionConfig()).fit(vt, Y, vv).signal_scores(vv)
+    det = fused(FusionConfig(combine="fisher"), vt, vv)
+    raw_val = fused(FusionConfig(), vt, vv).signal_scores(vv)
     raw = det.signal_scores(vq)
-    expected = np.zeros(len(vq["logits"]))
+    expected = np.zeros(len(vq))
     for s, r in raw.items():  # p = (#held-out scores <= r, plus one) / (n + 1), by a naive loop
         calib = raw_val[s]
         expected += np.log([(np.sum(calib <= x) + 1) / (len(calib) + 1) for x in r])
@@ -213,17 +215,17 @@ def test_benchmark_reuses_a_fitted_method_written_before_new_options_existed(tmp
 
 @pytest.mark.parametrize("rep", ["norms", "projection"])
 def test_mahalanobis_in_gradient_space_equals_the_baseline_on_the_gradients(model, tmp_path, rep):
-    from gradosr.detectors.base import ClassifierOutputs
+    from gradosr.detectors.inputs import ScorerInputs
     from gradosr.detectors.mahalanobis import Mahalanobis
 
     osr = GradientOSR.from_classifier(model, preset="plus", gradient_rep=rep, gradient_metric="mahalanobis",
                                       signals=("gradient",)).fit(X, Y, X_VAL, Y_VAL)
     x_test = make_data(3, seed=4, num_classes=10)[0]
-    vt, vq = osr._views(osr.classifier.inputs(X)), osr._views(osr.classifier.inputs(x_test))
-    key = "norms" if rep == "norms" else "gproj"
-    ref = Mahalanobis().fit(ClassifierOutputs(vt["logits"], vt[key]), Y)  # the baseline, on the gradient matrix
-    expected = ref.score_samples(ClassifierOutputs(vq["logits"], vq[key]))
-    np.testing.assert_allclose(osr.detector.signal_scores(vq)["gradient"], expected, rtol=1e-10)
+    clf = osr.classifier_
+    vt, vq = osr.method_.inputs(clf, clf.inputs(X)), osr.method_.inputs(clf, clf.inputs(x_test))
+    ref = Mahalanobis().fit(ScorerInputs(vt.logits, vt.gradients[rep]), Y)  # the baseline, on the gradient matrix
+    expected = ref.score_samples(ScorerInputs(vq.logits, vq.gradients[rep]))
+    np.testing.assert_allclose(osr.method_.detector_.signal_scores(vq)["gradient"], expected, rtol=1e-10)
     osr.save(tmp_path / "run")
     loaded = GradientOSR.load(tmp_path / "run", model=trained_model())
     np.testing.assert_allclose(loaded.score_samples(x_test), osr.score_samples(x_test), rtol=1e-12)

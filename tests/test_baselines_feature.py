@@ -11,22 +11,22 @@ from scipy import optimize, stats
 from scipy.spatial import distance
 from sklearn.neighbors import NearestNeighbors
 
-from gradosr.detectors.base import ClassifierOutputs
+from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.knn import KNN
 from gradosr.detectors.mahalanobis import Mahalanobis
 from gradosr.detectors.openmax import OpenMax
-from gradosr.errors import ConfigError, DataError
+from gradosr.errors import ConfigError, DataError, NotFittedError
 
 EPS = np.finfo(np.float64).eps
 
 
 def outs(features=None, logits=None, k=3):
-    """ClassifierOutputs from numpy arrays (float64 kept, to test to 1e-10)."""
+    """ScorerInputs from numpy arrays (float64 kept, to test to 1e-10)."""
     if logits is None:
         logits = np.zeros((len(features), k))
     if features is None:
         features = np.zeros((len(logits), 4))
-    return ClassifierOutputs(logits=torch.as_tensor(logits), features=torch.as_tensor(features))
+    return ScorerInputs(logits=torch.as_tensor(logits), features=torch.as_tensor(features))
 
 
 def clustered(sizes, d, seed, spread=1.0):
@@ -270,7 +270,7 @@ def test_openmax_needs_two_correct_samples_per_class():
 
 @pytest.mark.parametrize("cls", [KNN, Mahalanobis, OpenMax])
 def test_score_before_fit_raises(cls):
-    with pytest.raises(DataError, match="fit"):
+    with pytest.raises(NotFittedError, match="fit"):
         cls().score_samples(outs(np.ones((3, 4)), np.ones((3, 3))))
 
 
@@ -305,4 +305,4 @@ def test_dimension_mismatch_and_bad_inputs_raise():
 def test_method_ids_and_flags():
     assert (KNN.method_id, Mahalanobis.method_id, OpenMax.method_id) == ("knn", "mahalanobis", "openmax")
     for cls in (KNN, Mahalanobis, OpenMax):
-        assert cls.needs_fit and not cls.needs_model
+        assert cls.needs_fit and not cls().needs_model

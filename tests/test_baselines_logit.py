@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradosr.detectors.registry import make_scorer, method_ids
 from gradosr.detectors import (
     MLS,
     MSP,
     ODIN,
-    SCORERS,
-    ClassifierOutputs,
+    ScorerInputs,
     Energy,
     GradNorm,
     GradUnc,
@@ -34,7 +34,7 @@ def tiny_model(dtype=torch.float64, dropout=False, seed=0):
 
 
 def outputs_of(model, x):
-    """ClassifierOutputs with the head's input captured by a hook."""
+    """ScorerInputs with the head's input captured by a hook."""
     head = model[-1]
     feats = []
     handle = head.register_forward_hook(lambda m, inp, out: feats.append(inp[0]))
@@ -44,7 +44,7 @@ def outputs_of(model, x):
             z = model(x)
     finally:
         handle.remove()
-    return ClassifierOutputs(logits=z, features=feats[0], inputs=x, model=model)
+    return ScorerInputs(logits=z, features=feats[0], inputs=x, model=model)
 
 
 def random_logits(seed=0):
@@ -70,18 +70,18 @@ def np_logsumexp(z):
 
 def logit_outputs(z):
     z = torch.from_numpy(z)
-    return ClassifierOutputs(logits=z, features=torch.zeros(len(z), 3))
+    return ScorerInputs(logits=z, features=torch.zeros(len(z), 3))
 
 
 def test_registry_order_and_ids():
     ours = ["msp", "mls", "energy", "odin", "gradnorm", "gradunc"]
-    assert [m for m in SCORERS if m in ours] == ours
+    assert [m for m in method_ids("baseline") if m in ours] == ours
     for m in ours:
-        scorer = SCORERS[m]()
+        scorer = make_scorer(m)
         assert scorer.method_id == m
         assert isinstance(scorer.params, dict)
-    assert SCORERS["odin"]().needs_model and SCORERS["gradunc"]().needs_model
-    assert not SCORERS["gradnorm"]().needs_model
+    assert make_scorer("odin").needs_model and make_scorer("gradunc").needs_model
+    assert not make_scorer("gradnorm").needs_model
     assert Energy().params == {"temperature": 1.0}
     assert GradNorm().params == {"temperature": 1.0}
     assert ODIN().params == {"temperature": 1000.0, "epsilon": 0.0014}
@@ -157,7 +157,7 @@ def test_odin_matches_naive_loop(t, eps):
 def test_odin_moves_inputs_to_model_dtype():
     model = tiny_model(dtype=torch.float32)
     x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
-    s = ODIN().score_samples(ClassifierOutputs(torch.zeros(5, K), torch.zeros(5, 8), x, model))
+    s = ODIN().score_samples(ScorerInputs(torch.zeros(5, K), torch.zeros(5, 8), x, model))
     assert s.dtype == np.float64 and np.all(np.isfinite(s))
 
 
@@ -201,7 +201,7 @@ def test_orientation_confident_scores_higher(method):
     out = outputs_of(model, x)
     assert out.logits[0, 0] - out.logits[0, 1] == pytest.approx(50.0)
     assert torch.all(out.logits[1] == 0)
-    s = SCORERS[method]().score_samples(out)
+    s = make_scorer(method).score_samples(out)
     assert np.all(np.isfinite(s))
     assert s[0] > s[1]
 
@@ -211,8 +211,8 @@ def test_missing_model_or_inputs_is_data_error(method):
     model = tiny_model()
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
     out = outputs_of(model, x)
-    for bad in (ClassifierOutputs(out.logits, out.features, None, model),
-                ClassifierOutputs(out.logits, out.features, x, None),
-                ClassifierOutputs(out.logits, out.features)):
+    for bad in (ScorerInputs(out.logits, out.features, None, model),
+                ScorerInputs(out.logits, out.features, x, None),
+                ScorerInputs(out.logits, out.features)):
         with pytest.raises(DataError, match=f"{method} needs the model and its inputs"):
-            SCORERS[method]().score_samples(bad)
+            make_scorer(method).score_samples(bad)

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 
-import gradosr.evaluate as evaluate_mod
 from gradosr.bench import BenchmarkSettings, run_benchmark
 from gradosr.bench.report import markdown_table
 from gradosr.errors import GradOSRError
@@ -77,7 +76,9 @@ def test_second_run_reuses_cache(bench, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a cached method was recomputed")
 
-    monkeypatch.setattr(evaluate_mod.SCORERS["msp"], "score_samples", boom)
+    from gradosr.detectors import MSP
+
+    monkeypatch.setattr(MSP, "score_samples", boom)
     again = run_benchmark(settings(out), log=lambda s: None)
     assert again["results"] == doc["results"]
 

@@ -128,11 +128,12 @@ def test_fit_evaluate_predict_end_to_end(capsys, tmp_path, monkeypatch):
                 "proxy/model.json", "detector/detector.safetensors", "detector/detector.json", "osr.json"):
         assert (run / rel).is_file(), rel
     osr_meta = json.loads((run / "osr.json").read_text())
-    assert len(osr_meta["proxy_unknown"]) == 1  # max(1, round(3/3)) of the 3 knowns
+    proxy_unknown = json.loads((run / "detector" / "detector.json").read_text())["members"][0]["proxy_unknown"]
+    assert len(proxy_unknown) == 1  # max(1, round(3/3)) of the 3 knowns
     assert osr_meta["threshold"] == 0.95 and osr_meta["train"]["epochs"] == 1
     proxy_meta = json.loads((run / "proxy" / "model.json").read_text())
     assert proxy_meta["num_classes"] == 2
-    assert sorted(proxy_meta["class_ids"] + [[0, 1, 2][osr_meta["proxy_unknown"][0]]]) == [0, 1, 2]
+    assert sorted(proxy_meta["class_ids"] + [[0, 1, 2][proxy_unknown[0]]]) == [0, 1, 2]
 
     # evaluate
     eval_json = tmp_path / "e.json"

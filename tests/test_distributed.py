@@ -136,7 +136,7 @@ def extraction_cases(model: nn.Module) -> dict[str, np.ndarray]:
 def scorer_cases(model: nn.Module) -> dict[str, np.ndarray]:
     """Every baseline through evaluate.sharded_scores, in float64."""
     from gradosr.classifier import batched_outputs
-    from gradosr.detectors import SCORERS, ClassifierOutputs
+    from gradosr.detectors import ScorerInputs, make_scorer, method_ids
     from gradosr.detectors.gradunc import GradUnc
     from gradosr.detectors.knn import KNN
     from gradosr.detectors.odin import ODIN
@@ -146,13 +146,13 @@ def scorer_cases(model: nn.Module) -> dict[str, np.ndarray]:
         x = torch.as_tensor(x)
         logits, feats = batched_outputs(model, x, batch_size=32, features=True)
         assert logits.dtype == torch.float64
-        return ClassifierOutputs(logits, feats, x, model)
+        return ScorerInputs(logits, feats, x, model)
 
     x_train, y_train = make_data(30, seed=0)
     x_test, _ = make_data(7, seed=3, num_classes=10)  # 70 rows, unknowns included
     train_out, test_out = outputs(x_train), outputs(x_test)
     out = {"logits": test_out.logits.numpy(), "features": test_out.features.numpy()}
-    scorers = {m: cls() for m, cls in SCORERS.items()}
+    scorers = {m: make_scorer(m) for m in method_ids("baseline")}
     scorers.update({"knn": KNN(k=5), "odin_bs8": ODIN(batch_size=8), "gradunc_bs8": GradUnc(batch_size=8)})
     for name, scorer in scorers.items():
         if scorer.needs_fit:
@@ -175,7 +175,7 @@ def osr_cases(model: nn.Module, run_dir: Path) -> dict[str, np.ndarray]:
     x_test, _ = make_data(5, seed=2, num_classes=10)
     return {"osr_scores": osr.score_samples(torch.as_tensor(x_test)),
             "osr_threshold": np.array([osr.threshold_]),
-            "osr_proxy": torch.cat([p.detach().flatten() for p in osr.proxy.model.parameters()]).numpy()}
+            "osr_proxy": torch.cat([p.detach().flatten() for p in osr.method_.members_[0].proxy.model.parameters()]).numpy()}
 
 
 def score_split_cases() -> dict[str, np.ndarray]:

@@ -278,7 +278,7 @@ def test_empty_known_class(tmp_path, osr):
         load_protocol(spec, tmp_path)
     # fitting on arrays without any sample of a known class: nothing trained or written
     keep = TRAIN.labels != 3
-    fresh = GradientOSR(classifier=osr.classifier, train_config=TRAIN_CONFIG, max_epochs=5)
+    fresh = GradientOSR(classifier=osr.classifier_, train_config=TRAIN_CONFIG, max_epochs=5)
     with fails(DataError, r"known classes \[3\] have no training samples", tmp_path):
         fresh.fit(TRAIN.images[keep], TRAIN.labels[keep], VAL.images, VAL.labels, run_dir=tmp_path / "new-run")
     assert not (tmp_path / "new-run").exists()
@@ -356,7 +356,7 @@ def by_hand(images: np.ndarray) -> np.ndarray:
 def test_other_sizes_and_channels_are_converted(osr, shape):
     images = np.random.default_rng(7).integers(0, 256, shape, dtype=np.uint8)
     expected = by_hand(images)
-    np.testing.assert_allclose(osr.classifier.inputs(images).numpy(), expected, atol=2e-5)
+    np.testing.assert_allclose(osr.classifier_.inputs(images).numpy(), expected, atol=2e-5)
     labels, scores = osr.predict(images, return_scores=True)
     labels_hand, scores_hand = osr.predict(expected, return_scores=True)
     np.testing.assert_allclose(scores, scores_hand, atol=1e-5)
@@ -388,7 +388,7 @@ def test_custom_model_inputs_of_another_shape(tmp_path):
     y = np.repeat(np.arange(K), 15)
     fitted = GradientOSR.from_classifier(FlatNet(), train_config=TrainConfig(model="custom", epochs=1),
                                          max_epochs=3).fit(x, y)
-    assert fitted.classifier.input_shape == (1, 8, 8)
+    assert fitted.classifier_.input_shape == (1, 8, 8)
     with fails(DataError, r"model inputs N×1×8×8 for this classifier, got shape \(2, 3, 8, 8\)", tmp_path):
         fitted.score_samples(np.zeros((2, 3, 8, 8), np.float32))
     with fails(DataError, r"no stored preprocessing", tmp_path):
@@ -493,7 +493,7 @@ def test_weights_sha256_mismatch(run, capsys, part):
 def test_pickle_handed_as_checkpoint(run, tmp_path, capsys, osr):
     marker = tmp_path / "pwned"
     pt = tmp_path / "model.pt"
-    torch.save({"state_dict": osr.classifier.model.state_dict(), "trap": TouchPayload(marker)}, pt)
+    torch.save({"state_dict": osr.classifier_.model.state_dict(), "trap": TouchPayload(marker)}, pt)
     phrase = r"looks like a pickle or torch.save \(.pt\) file; gradosr never unpickles"
     with fails(CheckpointError, phrase, tmp_path):
         GradientOSR.load(pt)
@@ -515,7 +515,7 @@ def test_confounding_n_ones(run, tmp_path, capsys, osr):
               "--out", tmp_path / "r")
     assert not (tmp_path / "r").exists()
     # more ones than the proxy classifier (K - round(K/3) = 3 outputs) has: refused before training
-    fresh = GradientOSR(classifier=osr.classifier, train_config=TRAIN_CONFIG, n_ones=K)
+    fresh = GradientOSR(classifier=osr.classifier_, train_config=TRAIN_CONFIG, n_ones=K)
     with fails(ConfigError, r"n_ones must be in \{0, 2, ..., 3\}, got 4 \(the proxy classifier has 3", tmp_path):
         fresh.fit(TRAIN.images, TRAIN.labels, run_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()
@@ -556,7 +556,7 @@ def test_corrupt_model_json(run, capsys):
 
 def test_fit_into_a_run_with_another_proxy(run, osr):
     other = TrainConfig(model="lenet", epochs=2, batch_size=32, seed=0)
-    fresh = GradientOSR(classifier=osr.classifier, train_config=other, max_epochs=5)
+    fresh = GradientOSR(classifier=osr.classifier_, train_config=other, max_epochs=5)
     with fails(CheckpointError, r"holds another proxy classifier: train.epochs is 1 in the checkpoint but 2", run):
         fresh.fit(TRAIN.images, TRAIN.labels, VAL.images, VAL.labels, run_dir=run)
 

@@ -283,7 +283,7 @@ def check_outputs(x, scores, labels) -> None:
 @FUZZ
 @given(x=inputs())
 def test_lenet_run_random_inputs(lenet_osr, x):
-    xin = only_gradosr_errors(lenet_osr.classifier.inputs, x)
+    xin = only_gradosr_errors(lenet_osr.classifier_.inputs, x)
     if xin is not None:
         assert xin.ndim == 4 and xin.shape[1:] == (1, 28, 28) and torch.isfinite(xin).all()
     scores = only_gradosr_errors(lenet_osr.score_samples, x)

@@ -12,10 +12,12 @@ from torch import nn
 
 import gradosr.osr as osr_mod
 from gradosr.detectors.mlp import DetectorConfig, MLPDetector
-from gradosr.errors import CheckpointError, ConfigError, DataError
+from gradosr.detectors.inputs import ScorerInputs
+from gradosr.errors import CheckpointError, ConfigError, DataError, NotFittedError
 from gradosr.gradients import squared_norms
 from gradosr.metrics import auroc, threshold_at_tpr
-from gradosr.osr import GradientOSR, proxy_split
+from gradosr.methods.splits import proxy_split
+from gradosr.osr import GradientOSR
 from gradosr.representation import RepresentationConfig, extract, transform
 from gradosr.train import TrainConfig
 from tiny_runs import FlatNet
@@ -89,25 +91,25 @@ def test_fit_scores_and_predictions(fitted, model):
     labels2, scores2 = fitted.predict(x_test, return_scores=True)
     np.testing.assert_array_equal(labels2, expected)
     np.testing.assert_array_equal(scores2, scores)
-    assert fitted.threshold_ == 0.95 and fitted.config.threshold_rule == "fixed"
+    assert fitted.threshold_ == 0.95 and fitted.config_.threshold_rule == "fixed"
 
 
 def test_proxy_split_and_proxy_model(fitted, model):
-    assert len(fitted.proxy_unknown) == max(1, round(K / 3)) == 2
+    assert len(fitted.method_.members_[0].proxy_unknown) == max(1, round(K / 3)) == 2
     expected = sorted(int(c) for c in np.random.default_rng(fitted.seed).choice(K, 2, replace=False))
-    assert fitted.proxy_unknown == expected == proxy_split(K, fitted.seed)
+    assert fitted.method_.members_[0].proxy_unknown == expected == proxy_split(K, fitted.seed)
     assert proxy_split(K, 5) == proxy_split(K, 5)
     assert len({tuple(proxy_split(K, s)) for s in range(10)}) > 1  # the seed matters
-    proxy = fitted.proxy.model
+    proxy = fitted.method_.members_[0].proxy.model
     assert proxy.head.out_features == K - 2
     assert [n for n, _ in proxy.named_parameters()] == [n for n, _ in model.named_parameters()]
-    assert proxy is not model and fitted.classifier.model is model
-    keep = [c for c in range(K) if c not in fitted.proxy_unknown]
-    assert fitted.proxy.class_ids == keep
-    assert fitted.param_names == [n for n, _ in model.named_parameters()]
+    assert proxy is not model and fitted.classifier_.model is model
+    keep = [c for c in range(K) if c not in fitted.method_.members_[0].proxy_unknown]
+    assert fitted.method_.members_[0].proxy.class_ids == keep
+    assert fitted.method_.param_names_ == [n for n, _ in model.named_parameters()]
     # refit with the same seed: same split
     again = make_osr(model).fit(X, Y)
-    assert again.proxy_unknown == fitted.proxy_unknown
+    assert again.method_.members_[0].proxy_unknown == fitted.method_.members_[0].proxy_unknown
 
 
 def test_proxy_factory_is_used(model):
@@ -119,19 +121,20 @@ def test_proxy_factory_is_used(model):
 
     osr = GradientOSR.from_classifier(model, train_config=TrainConfig(model="custom", epochs=1, batch_size=32),
                                       proxy_factory=factory, max_epochs=5).fit(X, Y)
-    assert sizes == [K - 2] and osr.proxy.model.head.out_features == K - 2
+    assert sizes == [K - 2] and osr.method_.members_[0].proxy.model.head.out_features == K - 2
 
 
 def test_options_are_recorded(model):
     osr = make_osr(model, target="uniform", output="sigmoid", n_ones=2, standardize="own",
                    detector_data="heldout", threshold_rule="tpr", hidden=8)
-    rep = osr.config.representation
+    cfg = osr.resolved_config()
+    rep = cfg.representation
     assert (rep.target, rep.output, rep.n_ones) == ("uniform", "sigmoid", 2)
-    assert (osr.config.standardize, osr.config.detector_data, osr.config.threshold_rule) == ("own", "heldout", "tpr")
-    assert osr.config.detector.hidden == 8 and osr.config.detector.max_epochs == 15
-    d = osr.config.to_dict()
+    assert (cfg.standardize, cfg.detector_data, cfg.threshold_rule) == ("own", "heldout", "tpr")
+    assert cfg.detector.hidden == 8 and cfg.detector.max_epochs == 15
+    d = cfg.to_dict()
     assert d["representation"]["target"] == "uniform" and d["detector"]["hidden"] == 8
-    assert osr_mod.OSRConfig.from_dict(d) == osr.config
+    assert osr_mod.OSRConfig.from_dict(d) == cfg
     with pytest.raises(ConfigError):
         make_osr(model, standardize="sometimes")
     with pytest.raises(ConfigError):
@@ -150,8 +153,8 @@ def test_threshold_rule_tpr(model):
 
 def test_target_changes_the_representation(model, fitted):
     uniform = make_osr(model, target="uniform").fit(X, Y)
-    r_conf = fitted._features(model, torch.as_tensor(X_VAL), "x")
-    r_unif = uniform._features(model, torch.as_tensor(X_VAL), "x")
+    r_conf = fitted.method_.raw_representations(fitted.classifier_, torch.as_tensor(X_VAL))
+    r_unif = uniform.method_.raw_representations(uniform.classifier_, torch.as_tensor(X_VAL))
     assert r_conf.shape == r_unif.shape
     assert not torch.allclose(r_conf, r_unif)
     expected = transform(squared_norms(model, torch.as_tensor(X_VAL), target="uniform")[0], True)
@@ -162,14 +165,14 @@ def test_detector_data_heldout_trains_on_heldout_proxy_knowns(model, monkeypatch
     seen = []
     orig_fit = MLPDetector.fit
 
-    def spy(self, x, is_known):
+    def spy(self, x, is_known=None):
         seen.append(np.asarray(is_known).copy())
         return orig_fit(self, x, is_known)
 
     monkeypatch.setattr(MLPDetector, "fit", spy)
     make_osr(model, detector_data="train").fit(X, Y, X_VAL, Y_VAL)
     osr = make_osr(model, detector_data="heldout").fit(X, Y, X_VAL, Y_VAL)
-    u = osr.proxy_unknown
+    u = osr.method_.members_[0].proxy_unknown
     n_unknown = int(np.isin(Y, u).sum() + np.isin(Y_VAL, u).sum())
     train_known, heldout_known = seen
     assert int(train_known.sum()) == int((~np.isin(Y, u)).sum())
@@ -178,13 +181,13 @@ def test_detector_data_heldout_trains_on_heldout_proxy_knowns(model, monkeypatch
 
 
 def test_standardize_options(model, fitted):
-    assert fitted.scalers["proxy"] is fitted.scalers["final"]
+    assert fitted.method_.members_[0].scalers["proxy"] is fitted.method_.members_[0].scalers["final"]
     own = make_osr(model, standardize="own").fit(X, Y, X_VAL, Y_VAL)
-    rep = own.config.representation
+    rep = own.config_.representation
     r_final = transform(extract(model, torch.as_tensor(X_VAL), rep)[0], rep.log)
-    torch.testing.assert_close(own.scalers["final"].mean, r_final.mean(0))
-    torch.testing.assert_close(own.scalers["final"].std, r_final.std(0, unbiased=False))
-    assert not torch.allclose(own.scalers["proxy"].mean, own.scalers["final"].mean)
+    torch.testing.assert_close(own.method_.members_[0].scalers["final"].mean, r_final.mean(0))
+    torch.testing.assert_close(own.method_.members_[0].scalers["final"].std, r_final.std(0, unbiased=False))
+    assert not torch.allclose(own.method_.members_[0].scalers["proxy"].mean, own.method_.members_[0].scalers["final"].mean)
     # the final classifier's held-out knowns are standardised to mean 0 / std 1
     z = own.representations(X_VAL)
     torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1], dtype=torch.float64), atol=1e-9, rtol=0)
@@ -201,15 +204,15 @@ def test_save_load_round_trip(fitted, tmp_path):
                 "proxy/model.json", "detector/detector.safetensors", "detector/detector.json", "osr.json"):
         assert (tmp_path / rel).is_file(), rel
     meta = json.loads((tmp_path / "osr.json").read_text())
-    assert meta["threshold"] == fitted.threshold_ and meta["proxy_unknown"] == fitted.proxy_unknown
-    assert meta["config"] == fitted.config.to_dict()
+    assert meta["threshold"] == fitted.threshold_ and meta["layout"] == 2
+    assert meta["config"] == fitted.config_.to_dict()
 
     loaded = GradientOSR.load(tmp_path, model=TinyNet())
     x_test, _ = make_data(4, seed=3, num_classes=10)
     np.testing.assert_array_equal(loaded.score_samples(x_test), fitted.score_samples(x_test))
     np.testing.assert_array_equal(loaded.predict(x_test), fitted.predict(x_test))
-    assert loaded.threshold_ == fitted.threshold_ and loaded.config == fitted.config
-    assert loaded.proxy_unknown == fitted.proxy_unknown
+    assert loaded.threshold_ == fitted.threshold_ and loaded.config_ == fitted.config_
+    assert loaded.method_.members_[0].proxy_unknown == fitted.method_.members_[0].proxy_unknown
 
     with pytest.raises(CheckpointError):
         GradientOSR.load(tmp_path)  # a custom model needs an instance
@@ -263,11 +266,11 @@ def test_extract_empty(model):
 
 def test_predict_before_fit(model):
     osr = make_osr(model)
-    with pytest.raises(ConfigError):
+    with pytest.raises(NotFittedError):
         osr.predict(X_VAL)
-    with pytest.raises(ConfigError):
+    with pytest.raises(NotFittedError):
         osr.score_samples(X_VAL)
-    with pytest.raises(ConfigError):
+    with pytest.raises(NotFittedError):
         osr.save("/nonexistent-never-written")
 
 
@@ -325,21 +328,26 @@ def detector_data(n: int, seed: int):
     return x.astype(np.float32), is_known
 
 
+def rep(x) -> ScorerInputs:
+    """Detector inputs x (N×P) as the MLP detector reads them."""
+    return ScorerInputs(gradients={"representation": torch.as_tensor(x)})
+
+
 def test_mlp_detector_is_seeded_and_learns():
     x, y = detector_data(200, seed=0)
     x_test, y_test = detector_data(200, seed=1)
     cfg = DetectorConfig(hidden=16, max_epochs=30, seed=3)
-    a = MLPDetector(cfg).fit(x, y)
-    b = MLPDetector(cfg).fit(x, y)
+    a = MLPDetector(cfg).fit(rep(x), y)
+    b = MLPDetector(cfg).fit(rep(x), y)
     pa, pb = a.predict_proba(x_test), b.predict_proba(x_test)
     assert pa.dtype == np.float64 and pa.shape == (200,)
     np.testing.assert_array_equal(pa, pb)
-    np.testing.assert_array_equal(a.score_samples(x_test), pa)
-    c = MLPDetector(DetectorConfig(hidden=16, max_epochs=30, seed=4)).fit(x, y)
+    np.testing.assert_array_equal(a.score_samples(rep(x_test)), pa)
+    c = MLPDetector(DetectorConfig(hidden=16, max_epochs=30, seed=4)).fit(rep(x), y)
     assert not np.array_equal(c.predict_proba(x_test), pa)
     assert auroc(pa, y_test) > 0.95
     assert pa[y_test].mean() > 0.5 > pa[~y_test].mean()  # P(known): high for knowns
-    assert 1 <= len(a.history) <= 30
+    assert 1 <= len(a.history_) <= 30
     # round trip through state()
     tensors, meta = a.state()
     np.testing.assert_array_equal(MLPDetector.from_state(tensors, meta).predict_proba(x_test), pa)
@@ -348,16 +356,16 @@ def test_mlp_detector_is_seeded_and_learns():
 def test_mlp_detector_rejects_bad_input():
     x, y = detector_data(40, seed=0)
     with pytest.raises(DataError):
-        MLPDetector().fit(x, np.ones(40, bool))
+        MLPDetector().fit(rep(x), np.ones(40, bool))
     with pytest.raises(DataError):
-        MLPDetector().fit(x, np.zeros(40, bool))
+        MLPDetector().fit(rep(x), np.zeros(40, bool))
     bad = x.copy()
     bad[0, 0] = np.nan
     with pytest.raises(DataError):
-        MLPDetector().fit(bad, y)
-    with pytest.raises(ConfigError):
+        MLPDetector().fit(rep(bad), y)
+    with pytest.raises(NotFittedError):
         MLPDetector().predict_proba(x)
-    det = MLPDetector(DetectorConfig(max_epochs=2)).fit(x, y)
+    det = MLPDetector(DetectorConfig(max_epochs=2)).fit(rep(x), y)
     with pytest.raises(DataError):
         det.predict_proba(x[:, :3])
 

@@ -12,7 +12,10 @@ from sklearn.neighbors import NearestNeighbors
 from torch import nn
 
 from gradosr.ablation import VARIANT_NAMES, markdown, select_variants
-from gradosr.detectors.fusion import FusionConfig, FusionDetector, kth_neighbour_distance, logit_gradient
+from gradosr.detectors.fusion import FusedScorer, FusionConfig
+from gradosr.detectors.inputs import ScorerInputs
+from gradosr.detectors.knn import KNN
+from gradosr.gradients.logit import logit_gradient
 from gradosr.errors import ConfigError
 from gradosr.gradients.targets import per_sample_loss
 from gradosr.metrics import auroc
@@ -38,13 +41,17 @@ def naive_head_gradients(model: nn.Module, x: np.ndarray, target="confounding", 
     return torch.stack(out)
 
 
-def views(model: nn.Module, x: np.ndarray) -> dict:
+def views(model: nn.Module, x: np.ndarray) -> ScorerInputs:
     feats = []
     h = find_head(model).register_forward_hook(lambda m, i, o: feats.append(i[0].detach()))
     with torch.no_grad():
         z = model(torch.as_tensor(x).double())
     h.remove()
-    return {"logits": z, "features": feats[0], "g": logit_gradient(z), "g_uniform": logit_gradient(z, "uniform")}
+    return ScorerInputs(z, feats[0], gradients={"logit_grad": logit_gradient(z)})
+
+
+def fused(config: FusionConfig, train: ScorerInputs, held_out: ScorerInputs) -> FusedScorer:
+    return FusedScorer(config).fit(train, Y).calibrate(held_out)
 
 
 @pytest.mark.parametrize("target,n_ones,output", [("confounding", None, "softmax"), ("confounding", 2, "sigmoid"),
@@ -54,23 +61,21 @@ def test_head_gradient_is_g_times_h(model, target, n_ones, output):
     x = X_VAL[:12]
     naive = naive_head_gradients(m, x, target, n_ones, output)
     v = views(m, x)
-    g = logit_gradient(v["logits"], target, n_ones, output)
-    np.testing.assert_allclose((g[:, :, None] * v["features"][:, None, :]).numpy(), naive.numpy(), rtol=1e-10,
+    g = logit_gradient(v.logits, target, n_ones, output)
+    np.testing.assert_allclose((g[:, :, None] * v.features[:, None, :]).numpy(), naive.numpy(), rtol=1e-10,
                                atol=1e-12)
 
 
 def test_product_of_cosines_knn_equals_knn_on_materialised_gradients(model):
     m = trained_model().double()
-    bank, query = naive_head_gradients(m, X[:60]), naive_head_gradients(m, X_VAL)
+    bank, query = naive_head_gradients(m, X), naive_head_gradients(m, X_VAL)
     flat_b = (bank.flatten(1) / bank.flatten(1).norm(dim=1, keepdim=True)).numpy()
     flat_q = (query.flatten(1) / query.flatten(1).norm(dim=1, keepdim=True)).numpy()
+    vb, vq = views(m, X), views(m, X_VAL)
     for k in (1, 5):
         expected = NearestNeighbors(n_neighbors=k).fit(flat_b).kneighbors(flat_q)[0][:, -1]
-        vb, vq = views(m, X[:60]), views(m, X_VAL)
-        unit = lambda t: t / t.norm(dim=1, keepdim=True)  # noqa: E731
-        got = kth_neighbour_distance([unit(vq["g"]), unit(vq["features"])], [unit(vb["g"]), unit(vb["features"])], k,
-                                     chunk_size=7)
-        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-9)
+        knn = KNN(k, chunk_size=7, factors=("logit_grad", "features")).fit(vb, Y)
+        np.testing.assert_allclose(knn.kth_distances(vq), expected, rtol=1e-9, atol=1e-9)
 
 
 def test_fused_score_is_the_sum_of_validation_standardised_signals(model):
@@ -78,17 +83,18 @@ def test_fused_score_is_the_sum_of_validation_standardised_signals(model):
     vt, vv = views(m, X), views(m, X_VAL)
     x_test, _ = make_data(4, seed=5, num_classes=10)
     vq = views(m, x_test)
-    det = FusionDetector(FusionConfig(signals=("gradient", "features", "max_logit"), k=7)).fit(vt, Y, vv)
+    det = fused(FusionConfig(signals=("gradient", "features", "max_logit"), k=7), vt, vv)
 
     def unit(a):
         return a / np.linalg.norm(a, axis=1, keepdims=True)
 
     def raw(v):
-        g, h, z = v["g"].numpy(), v["features"].numpy(), v["logits"].numpy()
+        g, h, z = v.gradients["logit_grad"].numpy(), v.features.numpy(), v.logits.numpy()
         grad = unit((g[:, :, None] * h[:, None, :]).reshape(len(g), -1))
-        bank_g = unit((vt["g"].numpy()[:, :, None] * vt["features"].numpy()[:, None, :]).reshape(len(X), -1))
+        gt = vt.gradients["logit_grad"].numpy()
+        bank_g = unit((gt[:, :, None] * vt.features.numpy()[:, None, :]).reshape(len(X), -1))
         d_g = NearestNeighbors(n_neighbors=7).fit(bank_g).kneighbors(grad)[0][:, -1]
-        d_f = NearestNeighbors(n_neighbors=7).fit(unit(vt["features"].numpy())).kneighbors(unit(h))[0][:, -1]
+        d_f = NearestNeighbors(n_neighbors=7).fit(unit(vt.features.numpy())).kneighbors(unit(h))[0][:, -1]
         return [-d_g, -d_f, z.max(1)]
 
     val_raw, test_raw = raw(vv), raw(vq)
@@ -97,14 +103,14 @@ def test_fused_score_is_the_sum_of_validation_standardised_signals(model):
     raw_scores = det.signal_scores(vq)
     np.testing.assert_allclose(raw_scores["max_logit"], test_raw[2], rtol=1e-12)
     # GradNorm signal: log of the L1 norm of the uniform-target head gradient
-    gn = FusionDetector(FusionConfig(signals=("gradnorm",))).fit(vt, Y, vv).signal_scores(vq)["gradnorm"]
+    gn = fused(FusionConfig(signals=("gradnorm",)), vt, vv).signal_scores(vq)["gradnorm"]
     naive = naive_head_gradients(m, x_test, "uniform").abs().flatten(1).sum(1).log().numpy()
     np.testing.assert_allclose(gn, naive, rtol=1e-9)
 
 
 def test_k_is_capped_by_the_smallest_class(model):
     m = trained_model().double()
-    det = FusionDetector(FusionConfig(k=50)).fit(views(m, X), Y, views(m, X_VAL))
+    det = fused(FusionConfig(k=50), views(m, X), views(m, X_VAL))
     assert det.k_ == np.bincount(Y).min() == 30
 
 
@@ -129,7 +135,7 @@ def make_plus(model, **options) -> GradientOSR:
 @pytest.mark.parametrize("options", [{}, {"gradient_rep": "norms"}, {"signals": ("gradnorm", "max_logit")}])
 def test_plus_fit_predict_save_load(model, tmp_path, options):
     osr = make_plus(model, **options).fit(X, Y, X_VAL, Y_VAL)
-    assert osr.proxy is None and osr.config.method == "fusion"
+    assert osr.method_.proxies() == [] and osr.config_.method == "fusion"
     val_scores = osr.score_samples(X_VAL)
     assert (val_scores >= osr.threshold_).mean() >= 0.95  # the tpr rule on held-out knowns
     x_test, y_test = make_data(6, seed=2, num_classes=10)

@@ -8,10 +8,11 @@ Conventions used everywhere:
 - the unknown label in predictions is ``-1`` (the CLI prints ``unknown``).
 """
 
-from gradosr.errors import CheckpointError, ConfigError, DataError, GradOSRError
+from gradosr.errors import CheckpointError, ConfigError, DataError, GradOSRError, NotFittedError
 
 __version__ = "0.1.0"
 
 from gradosr.osr import GradientOSR  # noqa: E402  (needs __version__ defined first)
+from gradosr.train import TrainConfig  # noqa: E402
 
-__all__ = ["GradientOSR", "GradOSRError", "DataError", "ConfigError", "CheckpointError", "__version__"]
+__all__ = ["GradientOSR", "TrainConfig", "NotFittedError", "GradOSRError", "DataError", "ConfigError", "CheckpointError", "__version__"]

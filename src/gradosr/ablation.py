@@ -156,6 +156,7 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
     from gradosr.data.protocols import load_protocol, resolve_protocol
     from gradosr.evaluate import test_images, test_labels
     from gradosr.evaluation import results_record
+    from gradosr.methods import ProxyStore
     from gradosr.osr import GradientOSR
     from gradosr.progress import progress_bar
     from gradosr.runs import ensure_classifier
@@ -191,22 +192,21 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
         x_test, x_val = clf.inputs(test_images(data)), clf.inputs(data.val.images)
         y_true = test_labels(data)
         closed = clf.logits(x_test).argmax(1).numpy()
-        proxies: dict = {}
+        proxies = ProxyStore(root=out / "runs" / f"split{split}")
         for v in progress_bar(variants, desc=f"split {split}", disable=not settings.progress, unit="variant"):
             if (v.name, split) in done:  # an interrupted ablation resumes where it stopped
                 records.append(done[(v.name, split)])
                 continue
             t0 = time.time()
             osr = GradientOSR(v.preset, classifier=clf, train_config=config, device=settings.device,
-                              seed=config.seed, **_options(v, clf.model))
-            osr.proxy_cache, osr.proxy_root = proxies, out / "runs" / f"split{split}"
+                              seed=config.seed, proxy_store=proxies, **_options(v, clf.model))
             osr.fit(data)
-            rule = (f"fixed-{osr.threshold_:g}" if osr.config.threshold_rule == "fixed"
-                    else f"tpr{osr.config.target_tpr:g}-val")
+            rule = (f"fixed-{osr.threshold_:g}" if osr.config_.threshold_rule == "fixed"
+                    else f"tpr{osr.config_.target_tpr:g}-val")
             rec = results_record(v.name, split, y_true, closed, osr.score_samples(x_test), osr.score_samples(x_val),
                                  spec.num_known, osr.threshold_, rule)
             rec["seconds"] = round(time.time() - t0, 3)
-            rec["config"] = osr.config.to_dict()
+            rec["config"] = osr.config_.to_dict()
             records.append(rec)
             atomic_write_json(out / "results.json", document())
         atomic_write_json(out / "results.json", document())

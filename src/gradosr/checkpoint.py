@@ -220,3 +220,13 @@ def _pickle_hint(path: Path) -> str | None:
                 "(they can execute code). Convert it to safetensors (safetensors.torch.save_file) or "
                 "load the model yourself and use GradientOSR.from_classifier")
     return None
+
+
+def with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``tensors`` with every name preceded by ``prefix`` (a component's part of a file)."""
+    return {prefix + k: v for k, v in tensors.items()}
+
+
+def under_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors named ``prefix…``, with the prefix removed (inverse of :func:`with_prefix`)."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -22,3 +22,8 @@ class ConfigError(GradOSRError, ValueError):
 
 class CheckpointError(GradOSRError):
     """A checkpoint or run directory is missing, corrupt, mismatched or of another version."""
+
+
+class NotFittedError(GradOSRError, AttributeError):
+    """A scorer or estimator was used before ``fit`` (or ``load``): scikit-learn's
+    convention (``sklearn.exceptions.NotFittedError`` also derives from AttributeError)."""

@@ -23,7 +23,8 @@ import torch
 from gradosr.checkpoint import check_folder
 from gradosr.classifier import Classifier
 from gradosr.data.protocols import OSRData, ProtocolSpec, load_protocol
-from gradosr.detectors import SCORERS, ClassifierOutputs
+from gradosr.detectors import ScorerInputs
+from gradosr.detectors.registry import make_scorer, method_ids
 from gradosr.distributed import map_rows
 from gradosr.errors import CheckpointError, ConfigError
 from gradosr.evaluation import results_record
@@ -43,25 +44,24 @@ def test_images(data: OSRData) -> np.ndarray:
     return np.concatenate([k, u])
 
 
-def classifier_outputs(clf: Classifier, x: torch.Tensor) -> ClassifierOutputs:
-    """Logits, head-input features, the inputs and the model, for model inputs ``x``."""
+def classifier_outputs(clf: Classifier, x: torch.Tensor) -> ScorerInputs:
+    """Logits, head-input features, the inputs, the model and its head's weight and bias,
+    for model inputs ``x``."""
+    from gradosr.models import find_head
+
     logits, feats = clf.logits_and_features(x)
-    return ClassifierOutputs(logits, feats, x, clf.model)
+    head = find_head(clf.model)
+    return ScorerInputs(logits, feats, x, clf.model, head.weight.detach().cpu(),
+                        head.bias.detach().cpu() if head.bias is not None else None)
 
 
-def output_rows(out: ClassifierOutputs, rows: slice) -> ClassifierOutputs:
-    """The samples ``rows`` of ``out`` (the model is shared)."""
-    return ClassifierOutputs(out.logits[rows], out.features[rows],
-                             out.inputs[rows] if out.inputs is not None else None, out.model)
-
-
-def sharded_scores(scorer, out: ClassifierOutputs) -> np.ndarray:
+def sharded_scores(scorer, out: ScorerInputs) -> np.ndarray:
     """``scorer.score_samples(out)``, sharded over the rows in a distributed run (each
     sample's score depends on that sample alone). Shards are cut at multiples of the
     scorer's batch size, when it has one, so batches hold the rows of a single-process run."""
     align = getattr(scorer, "batch_size", 1)
     align = align if isinstance(align, int) and align > 0 else 1
-    return map_rows(lambda rows: np.asarray(scorer.score_samples(output_rows(out, rows)), dtype=np.float64),
+    return map_rows(lambda rows: np.asarray(scorer.score_samples(out.rows(rows)), dtype=np.float64),
                     len(out), align=align)
 
 
@@ -71,7 +71,7 @@ def sharded_osr_scores(osr, x: torch.Tensor) -> np.ndarray:
     detector) runs on each process's shard, cut at multiples of the extraction batch size;
     the map_rows inside it run locally."""
     return map_rows(lambda rows: np.asarray(osr.score_samples(rows), dtype=np.float64), x,
-                    align=osr.config.batch_size)
+                    align=osr.config_.batch_size)
 
 
 @dataclass
@@ -88,15 +88,15 @@ class SplitScores:
 
 
 def available_methods(presets: str | list[str] | None = None) -> list[str]:
-    """Method ids: the GradientOSR presets first (``None``: every preset of
-    :data:`gradosr.osr.PRESETS`), then the baselines."""
-    from gradosr.osr import PRESETS
+    """Method ids: the GradientOSR presets first (``None``: every registered preset),
+    then the registered baselines (:mod:`gradosr.detectors.registry`)."""
+    import gradosr.methods  # noqa: F401  (registers the presets)
 
     if presets is None:
-        presets = list(PRESETS)
+        presets = method_ids("preset")
     elif isinstance(presets, str):
         presets = [presets]
-    return list(presets) + list(SCORERS)
+    return list(presets) + method_ids("baseline")
 
 
 def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, progress: bool = False,
@@ -108,25 +108,25 @@ def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, pr
     ``cache(method, compute)``: returns stored scores or calls ``compute()`` (benchmark).
     Returns (y_true N, closed_pred N, {method: SplitScores}).
     """
-    fitted = osr if isinstance(osr, dict) else ({osr.config.preset: osr} if osr is not None else {})
-    bad = [m for m in methods if m not in SCORERS and m not in fitted]
+    fitted = osr if isinstance(osr, dict) else ({osr.config_.preset: osr} if osr is not None else {})
+    bad = [m for m in methods if m not in method_ids("baseline") and m not in fitted]
     if bad:
         raise ConfigError(f"unknown or unavailable methods {bad}; available: "
                           f"{', '.join(available_methods(list(fitted)))}")
     x_test, x_val = clf.inputs(test_images(data)), clf.inputs(data.val.images)
     test_out, val_out = classifier_outputs(clf, x_test), classifier_outputs(clf, x_val)
-    train_out: list[ClassifierOutputs] = []
+    train_out: list[ScorerInputs] = []
 
     def compute(method: str) -> SplitScores:
         t0 = time.time()
         if method in fitted:
             osr = fitted[method]
             osr.progress = progress
-            rule = (f"fixed-{osr.threshold_:g}" if osr.config.threshold_rule == "fixed"
-                    else f"tpr{osr.config.target_tpr:g}-val")
+            rule = (f"fixed-{osr.threshold_:g}" if osr.config_.threshold_rule == "fixed"
+                    else f"tpr{osr.config_.target_tpr:g}-val")
             return SplitScores(sharded_osr_scores(osr, x_test), sharded_osr_scores(osr, x_val), osr.threshold_,
-                               rule, osr.config.to_dict(), time.time() - t0)
-        scorer = SCORERS[method]()
+                               rule, osr.config_.to_dict(), time.time() - t0)
+        scorer = make_scorer(method)
         if scorer.needs_fit:
             if not train_out:
                 train_out.append(classifier_outputs(clf, clf.inputs(data.known_train.images)))
@@ -165,7 +165,7 @@ def fitted_presets(run: Path, device="cpu") -> dict:
     found = {}
     if (Path(run) / "osr.json").is_file():
         osr = GradientOSR.load(run, device=device)
-        found[osr.config.preset] = osr
+        found[osr.config_.preset] = osr
     for preset in PRESETS:
         folder = Path(run) / preset
         if preset not in found and (folder / "osr.json").is_file():

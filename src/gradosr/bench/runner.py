@@ -179,7 +179,7 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
         identity = {"classifier": read_json(run_dir / "classifier" / "model.json")["sha256"],
                     "protocol": spec.to_dict()}
         methods_identity = {p: {"detector": read_json(preset_dir(run_dir, p) / "detector" / "detector.json")["sha256"],
-                                "method_config": osr.config.to_dict()} for p, osr in fitted.items()}
+                                "method_config": osr.config_.to_dict()} for p, osr in fitted.items()}
         y_true, closed_pred, scores = score_split(clf, data, split_methods, fitted, settings.progress,
                                                   cache=_cache(out / "cache" / f"split{split}", identity,
                                                                methods_identity))

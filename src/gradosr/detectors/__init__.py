@@ -1,26 +1,32 @@
-"""Unknown detectors and post-hoc OSR scorers, one file per method.
+"""Scoring methods, one file per method, behind one interface and one registry.
 
-Every scorer returns scores where higher = more likely known.
+- :class:`Scorer` (:mod:`gradosr.detectors.base`): fit on known training samples (one
+  :class:`ScorerInputs` or chunks of them), ``score_samples`` (higher = more likely
+  known), ``get_params``/``set_params``, ``state``/``from_state``;
+- :class:`ScorerInputs` (:mod:`gradosr.detectors.inputs`): what a classifier computed;
+- :data:`METHODS` (:mod:`gradosr.detectors.registry`): every method by id, with its kind
+  (baseline, component, preset), family and paper; ``@register`` adds one.
 """
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer
-from gradosr.detectors.energy import Energy
-from gradosr.detectors.gradnorm import GradNorm
-from gradosr.detectors.gradunc import GradUnc
-from gradosr.detectors.knn import KNN
-from gradosr.detectors.mahalanobis import Mahalanobis
-from gradosr.detectors.mls import MLS
-from gradosr.detectors.msp import MSP
-from gradosr.detectors.odin import ODIN
-from gradosr.detectors.openmax import OpenMax
-
-#: method id -> scorer class, in the order of DESIGN.md §8
-SCORERS = {
-    cls.method_id: cls
-    for cls in (MSP, MLS, Energy, ODIN, OpenMax, Mahalanobis, KNN, GradNorm, GradUnc)
-}
+# registration order = the order of the benchmark's baseline rows
+from gradosr.detectors.base import Scorer  # isort: skip
+from gradosr.detectors.msp import MSP  # isort: skip
+from gradosr.detectors.mls import MLS  # isort: skip
+from gradosr.detectors.energy import Energy  # isort: skip
+from gradosr.detectors.odin import ODIN  # isort: skip
+from gradosr.detectors.openmax import OpenMax  # isort: skip
+from gradosr.detectors.mahalanobis import Mahalanobis  # isort: skip
+from gradosr.detectors.knn import KNN  # isort: skip
+from gradosr.detectors.gradnorm import GradNorm  # isort: skip
+from gradosr.detectors.gradunc import GradUnc  # isort: skip
+from gradosr.detectors.gradorth import GradOrth  # isort: skip  (components after the baselines)
+from gradosr.detectors.mlp import MLPDetector  # isort: skip
+from gradosr.detectors.fusion import FusedScorer  # isort: skip
+from gradosr.detectors.inputs import ScorerInputs  # isort: skip
+from gradosr.detectors.registry import METHODS, make_scorer, method_ids, register, unregister  # isort: skip
 
 __all__ = [
-    "ClassifierOutputs", "OutputScorer", "MSP", "MLS", "Energy", "ODIN", "OpenMax", "Mahalanobis", "KNN",
-    "GradNorm", "GradUnc", "SCORERS",
+    "Scorer", "ScorerInputs", "MSP", "MLS", "Energy", "ODIN", "OpenMax", "Mahalanobis", "KNN", "GradNorm",
+    "GradUnc", "GradOrth", "MLPDetector", "FusedScorer", "METHODS", "register", "unregister", "method_ids",
+    "make_scorer",
 ]

@@ -1,68 +1,194 @@
-"""The interface shared by the post-hoc OSR scorers (baselines) in this package.
+"""The one interface of every scoring method: :class:`Scorer`.
 
-A scorer sees what one trained classifier computes for a set of samples, bundled in
-:class:`ClassifierOutputs`: its logits (N×K), its penultimate features (N×D, the head's
-input) and, for the methods that need gradients or input perturbations, the model and
-its inputs (N×C×H×W). ``fit`` takes the outputs of known *training* samples with their
-labels 0..K-1 where a method needs them (``needs_fit``); ``score_samples`` returns a
-float64 array N, higher = more likely known. Hyperparameters are fixed without looking
-at unknowns and listed in ``params`` (recorded in results).
+Baselines, the paper's MLP detector, the fused ``plus`` detector and its signals all
+subclass it (one file per method in this package, registered by method id in
+:mod:`gradosr.detectors.registry`).
+
+- ``fit(data, labels)`` learns from known *training* samples: ``data`` is one
+  :class:`gradosr.detectors.inputs.ScorerInputs` with ``labels`` (N, 0..K-1; the binary
+  MLP detector takes 1 = known, 0 = unknown), or an iterable of ``(ScorerInputs,
+  labels)`` chunks. ``partial_fit(chunk, labels)`` adds one chunk to what was seen.
+  A chunked fit gives the scorer a one-shot fit would give (tested for every registered
+  scorer). By default the chunks are kept and the scorer is fitted on their
+  concatenation when it is first needed; a scorer whose state is a sum over samples
+  can override :meth:`Scorer._accumulate` / :meth:`Scorer._finalize` to stream.
+- ``score_samples(inputs)`` returns float64 N, higher = more likely known;
+  :class:`gradosr.errors.NotFittedError` before ``fit`` when the method learns.
+- ``get_params()`` / ``set_params(**p)`` (scikit-learn's conventions: the constructor's
+  arguments, stored as given); fitted attributes end with an underscore.
+- ``state()`` / ``from_state(tensors, meta)``: the fitted scorer as safetensors tensors
+  and JSON metadata (no pickle); the attributes listed in ``_state_tensors`` and
+  ``_state_meta``.
+- ``params``: the hyperparameters recorded in results (fixed without looking at
+  unknowns), including fitted choices such as kNN's k.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from typing import Iterable
 
 import numpy as np
 import torch
-from torch import nn
 
-from gradosr.errors import ConfigError, DataError
+from gradosr.detectors.inputs import ScorerInputs
+from gradosr.errors import CheckpointError, ConfigError, DataError, NotFittedError
 
 
-@dataclass
-class ClassifierOutputs:
-    """What a classifier computes for N samples.
+class Scorer:
+    """Base class of every scoring method (see the module docstring).
 
-    Attributes:
-        logits: float32 N×K (CPU).
-        features: float32 N×D, the input of the classification head (CPU).
-        inputs: float32 N×C×H×W model inputs, or None when no method needs them.
-        model: the classifier (eval mode), or None.
+    Subclasses set ``method_id``, ``family`` and ``paper`` (the registry reads them),
+    ``needs`` (the :class:`ScorerInputs` fields they read) and ``needs_fit``, and
+    implement :meth:`score_samples` and, when they learn, :meth:`_fit`.
     """
 
-    logits: torch.Tensor
-    features: torch.Tensor
-    inputs: torch.Tensor | None = None
-    model: nn.Module | None = None
-
-    def __len__(self) -> int:
-        return len(self.logits)
-
-
-class OutputScorer:
-    """Base class of post-hoc scorers. Subclasses set ``method_id`` (DESIGN.md §8),
-    ``params`` and the flags, and implement :meth:`score_samples`; those that learn
-    from known training data override :meth:`fit`."""
-
     method_id: str = ""
-    #: hyperparameters, recorded in results
-    params: dict = {}
-    #: whether :meth:`fit` must see known training samples first
+    #: ``logit``, ``feature``, ``gradient`` or ``detector``
+    family: str = ""
+    #: the paper the method comes from
+    paper: str = ""
+    #: fields of ScorerInputs read by fit and score_samples
+    needs: tuple[str, ...] = ("logits",)
+    #: whether fit must see known training samples first
     needs_fit: bool = False
-    #: whether score_samples needs ``outputs.model`` and ``outputs.inputs``
-    needs_model: bool = False
+    #: hyperparameters recorded in results (subclasses set their own)
+    params: dict = {}
+    #: fitted array attributes saved by state() (tensors) and JSON attributes (meta)
+    _state_tensors: tuple[str, ...] = ()
+    _state_meta: tuple[str, ...] = ()
 
-    def fit(self, outputs: ClassifierOutputs, labels: np.ndarray) -> "OutputScorer":
-        """Learn from known training samples (labels N, 0..K-1)."""
+    @property
+    def needs_model(self) -> bool:
+        """Whether score_samples runs the model itself (needs ``model`` and ``inputs``)."""
+        return "model" in self.needs
+
+    # ------------------------------------------------------------ parameters
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [n for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's arguments, as given."""
+        return {n: getattr(self, n) for n in self._param_names()}
+
+    def set_params(self, **params) -> "Scorer":
+        """Re-run the constructor with ``params`` changed (the scorer is then unfitted)."""
+        bad = sorted(set(params) - set(self._param_names()))
+        if bad:
+            raise ConfigError(f"{self.method_id or type(self).__name__} has no parameters {bad}; "
+                              f"it has {self._param_names()}")
+        self.__init__(**{**self.get_params(), **params})
         return self
 
-    def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
+    # ------------------------------------------------------------------- fit
+    def fit(self, data, labels=None) -> "Scorer":
+        """Fit on known training samples: one ScorerInputs with ``labels``, or an
+        iterable of (ScorerInputs, labels) chunks."""
+        self._chunks: list[tuple[ScorerInputs, np.ndarray | None]] = []
+        self.fitted_ = False
+        for chunk, y in iter_chunks(data, labels):
+            self._accumulate(chunk, y)
+        self._finalize()
+        return self
+
+    def partial_fit(self, chunk: ScorerInputs, labels=None) -> "Scorer":
+        """Add one chunk of known training samples to those seen so far."""
+        if not hasattr(self, "_chunks"):
+            self._chunks = []
+        self._accumulate(chunk, labels)
+        self.fitted_ = False
+        return self
+
+    def _accumulate(self, chunk: ScorerInputs, labels) -> None:
+        if self.needs_fit:
+            self._chunks.append((chunk, None if labels is None else np.asarray(labels)))
+
+    def _finalize(self) -> None:
+        if self.needs_fit:
+            chunks = getattr(self, "_chunks", [])
+            if not chunks:
+                raise DataError(f"{self.method_id}: fit needs at least one training sample")
+            ys = [y for _, y in chunks]
+            labels = None if any(y is None for y in ys) else np.concatenate(ys)
+            self._fit(ScorerInputs.concat([c for c, _ in chunks]), labels)
+        self._chunks = []
+        self.fitted_ = True
+
+    def _fit(self, inputs: ScorerInputs, labels) -> None:
+        """Learn from all training samples at once (methods with ``needs_fit``)."""
+
+    def check_fitted(self) -> None:
+        """NotFittedError unless the scorer is ready to score (partial fits are
+        finalised here)."""
+        if not self.needs_fit:
+            return
+        if not getattr(self, "fitted_", False):
+            if getattr(self, "_chunks", None):
+                self._finalize()
+                return
+            raise NotFittedError(f"{self.method_id or type(self).__name__}: call fit on known training samples "
+                                 "before scoring")
+
+    # ----------------------------------------------------------------- score
+    def score_samples(self, inputs: ScorerInputs) -> np.ndarray:
         """Scores N (float64), higher = more likely known."""
         raise NotImplementedError
 
+    # ----------------------------------------------------------- persistence
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON metadata) of the fitted scorer."""
+        self.check_fitted()
+        tensors = {n: torch.as_tensor(np.asarray(getattr(self, n))).contiguous() for n in self._state_tensors}
+        meta = {"method_id": self.method_id, "params": _jsonable(self.get_params()),
+                "fitted": {n: _jsonable(getattr(self, n)) for n in self._state_meta}}
+        return tensors, meta
 
-def check_labels(labels, n: int, outputs: ClassifierOutputs) -> tuple[np.ndarray, int]:
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "Scorer":
+        """The fitted scorer that :meth:`state` described."""
+        try:
+            self = cls(**meta.get("params", {}))
+            for n in cls._state_tensors:
+                setattr(self, n, tensors[n].to(torch.float64) if tensors[n].is_floating_point() else tensors[n])
+            for n in cls._state_meta:
+                setattr(self, n, meta["fitted"][n])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"the stored {cls.method_id or cls.__name__} scorer is incomplete: {exc}") from None
+        self._restored()
+        self.fitted_ = True
+        return self
+
+    def _restored(self) -> None:
+        """Recompute derived attributes after :meth:`from_state`."""
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return value
+
+
+def iter_chunks(data, labels=None) -> Iterable[tuple[ScorerInputs, np.ndarray | None]]:
+    """(ScorerInputs, labels) chunks of ``data``: one ScorerInputs (with ``labels``) or
+    an iterable of (ScorerInputs, labels) pairs."""
+    if isinstance(data, ScorerInputs):
+        yield data, labels
+        return
+    if labels is not None:
+        raise ConfigError("fit on chunks takes (inputs, labels) pairs, not a separate labels argument")
+    for item in data:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], ScorerInputs)):
+            raise ConfigError("fit takes ScorerInputs with labels, or an iterable of (ScorerInputs, labels) chunks")
+        yield item
+
+
+def check_labels(labels, n: int, outputs: ScorerInputs) -> tuple[np.ndarray, int]:
     """Training labels as int64 N, and the class count K (the logits' width, else the
     largest label + 1). DataError for a wrong length, non-integers or out-of-range labels."""
     y = np.asarray(labels)

@@ -15,17 +15,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer, check_temperature
+from gradosr.detectors.base import Scorer, check_temperature
+from gradosr.detectors.inputs import ScorerInputs
+from gradosr.detectors.registry import register
 
 
-class Energy(OutputScorer):
+@register
+class Energy(Scorer):
     method_id = "energy"
+    family = "logit"
+    paper = "Liu et al., NeurIPS 2020"
 
     def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
         self.params = {"temperature": check_temperature(temperature)}
 
-    def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
+    def score_samples(self, outputs: ScorerInputs) -> np.ndarray:
         """T · logsumexp(z / T) of the logits N×K -> N (float64)."""
         t = self.params["temperature"]
-        z = torch.as_tensor(outputs.logits, dtype=torch.float64)
+        z = torch.as_tensor(outputs.get("logits", "energy"), dtype=torch.float64)
         return (t * torch.logsumexp(z / t, dim=1)).numpy()

@@ -14,7 +14,8 @@ z = W h + b, dL/dz = (softmax(z / T) - 1/K) / T and ∂L/∂W = (dL/dz) hᵀ, so
     ‖∂L/∂W‖₁ = ‖h‖₁ · ‖dL/dz‖₁.
 
 Orientation: higher = more likely known (confident inputs are far from uniform, so their
-gradient is larger). Needs only logits and features, no model pass.
+gradient is larger). Needs only logits and features, no model pass. With ``log=True``
+the score is log ‖∂L/∂W‖₁ (the same ranking; the ``plus`` preset's ``gradnorm`` signal).
 """
 
 from __future__ import annotations
@@ -22,17 +23,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer, check_temperature
+from gradosr.detectors.base import Scorer, check_temperature
+from gradosr.detectors.inputs import ScorerInputs
+from gradosr.detectors.registry import register
 from gradosr.errors import DataError
 
 
-class GradNorm(OutputScorer):
+@register
+class GradNorm(Scorer):
     method_id = "gradnorm"
+    family = "gradient"
+    paper = "Huang, Geng & Li, NeurIPS 2021"
+    needs = ("logits", "features")
 
-    def __init__(self, temperature: float = 1.0) -> None:
-        self.params = {"temperature": check_temperature(temperature)}
+    def __init__(self, temperature: float = 1.0, log: bool = False) -> None:
+        self.temperature, self.log = temperature, bool(log)
+        self.params = {"temperature": check_temperature(temperature), **({"log": True} if log else {})}
 
-    def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
+    def score_samples(self, outputs: ScorerInputs) -> np.ndarray:
         """‖h‖₁ · ‖(softmax(z/T) - 1/K)/T‖₁ for logits N×K, features N×D -> N (float64)."""
         t = self.params["temperature"]
         z = torch.as_tensor(outputs.logits, dtype=torch.float64)
@@ -44,4 +52,5 @@ class GradNorm(OutputScorer):
                             f"{tuple(z.shape)} and {tuple(h.shape)}")
         k = z.shape[1]
         g = (torch.softmax(z / t, dim=1) - 1.0 / k) / t
-        return (h.abs().sum(dim=1) * g.abs().sum(dim=1)).numpy()
+        norm = h.abs().sum(dim=1) * g.abs().sum(dim=1)
+        return (torch.log(norm.clamp_min(1e-300)) if self.log else norm).numpy()

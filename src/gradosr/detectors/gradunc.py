@@ -23,15 +23,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer
+from gradosr.detectors.base import Scorer
+from gradosr.detectors.inputs import ScorerInputs
+from gradosr.detectors.registry import register
 from gradosr.detectors.odin import _model_and_inputs
 from gradosr.errors import ConfigError
 from gradosr.gradients import squared_norms
 
 
-class GradUnc(OutputScorer):
+@register
+class GradUnc(Scorer):
     method_id = "gradunc"
-    needs_model = True
+    family = "gradient"
+    paper = "Lee & AlRegib, ICIP 2020"
+    needs = ("model", "inputs")
     params: dict = {"target": "confounding", "n_ones": "N", "output": "softmax",
                     "params": "all"}
 
@@ -41,7 +46,7 @@ class GradUnc(OutputScorer):
         self.params = dict(GradUnc.params)
         self.batch_size = batch_size
 
-    def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
+    def score_samples(self, outputs: ScorerInputs) -> np.ndarray:
         """Σ_p ‖∇_{θ_p} J(x)‖² of the inputs N×C×H×W -> N (float64)."""
         model, x = _model_and_inputs(outputs, self.method_id)
         scores = []

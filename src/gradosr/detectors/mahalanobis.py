@@ -21,6 +21,11 @@ code reaches through ``sklearn.covariance.EmpiricalCovariance().precision_``; eq
 ``np.linalg.pinv(Σ, rcond=D * eps)``. With W = U_r diag(λ_r^{-1/2}) (the kept columns),
 (f − μ)ᵀ Σ⁺ (f − μ) = ‖fW − μW‖², which is evaluated by explicit differences (no
 cancellation near a class mean), in float64 and in chunks of queries.
+
+``source`` names the representation (default the penultimate ``features``); the
+``plus`` family applies the same score to gradient representations (``norms``,
+``projection``): there the class-centred second moment of per-sample gradients is a
+centred empirical Fisher information.
 """
 
 from __future__ import annotations
@@ -28,20 +33,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import (
-    ClassifierOutputs,
-    OutputScorer,
-    check_chunk_size,
-    check_labels,
-    class_counts,
-)
+from gradosr.detectors.base import Scorer, check_chunk_size, check_labels, class_counts
+from gradosr.detectors.inputs import ScorerInputs
+from gradosr.detectors.registry import register
 from gradosr.errors import DataError
 
 
-def _features64(outputs: ClassifierOutputs, what: str) -> np.ndarray:
-    if outputs.features is None:
-        raise DataError(f"{what}: the outputs carry no penultimate features")
-    f = torch.as_tensor(outputs.features).detach().cpu().to(torch.float64).numpy()
+def _features64(outputs: ScorerInputs, what: str, source: str = "features") -> np.ndarray:
+    f = torch.as_tensor(outputs.get(source, f"Mahalanobis ({what})")).detach().cpu().to(torch.float64).numpy()
     if f.ndim != 2:
         raise DataError(f"{what}: features must be N×D, got shape {tuple(f.shape)}")
     if not np.isfinite(f).all():
@@ -49,15 +48,23 @@ def _features64(outputs: ClassifierOutputs, what: str) -> np.ndarray:
     return f
 
 
-class Mahalanobis(OutputScorer):
+@register
+class Mahalanobis(Scorer):
     method_id = "mahalanobis"
+    family = "feature"
+    paper = "Lee, Lee, Lee & Shin, NeurIPS 2018"
+    needs = ("features",)
     needs_fit = True
+    _state_tensors = ("means_", "whiten_")
 
-    def __init__(self, chunk_size: int | None = None) -> None:
-        """``chunk_size``: queries per block (None: automatic); it does not change results."""
+    def __init__(self, chunk_size: int | None = None, source: str = "features") -> None:
+        """``chunk_size``: queries per block (None: automatic); it does not change results.
+        ``source``: the representation (a ScorerInputs field or ``gradients`` key)."""
         self.chunk_size = check_chunk_size(chunk_size)
+        self.source = source
+        self.needs = (source,)
         self.params = {
-            "layer": "penultimate",
+            "layer": "penultimate" if source == "features" else source,
             "covariance": "tied (class-centred, 1/N)",
             "inverse": "pseudo-inverse, eigenvalue cutoff D*eps*max",
             "input_perturbation": 0.0,
@@ -65,9 +72,9 @@ class Mahalanobis(OutputScorer):
         }
         self.means_: np.ndarray | None = None
 
-    def fit(self, outputs: ClassifierOutputs, labels: np.ndarray) -> "Mahalanobis":
+    def _fit(self, outputs: ScorerInputs, labels: np.ndarray) -> None:
         """Class means and the tied covariance's pseudo-inverse square root."""
-        f = _features64(outputs, "fit")
+        f = _features64(outputs, "fit", self.source)
         y, k = check_labels(labels, len(f), outputs)
         counts = class_counts(y, k, "Mahalanobis")
         d = f.shape[1]
@@ -86,23 +93,19 @@ class Mahalanobis(OutputScorer):
         self.means_ = means
         self.centres_ = means @ self.whiten_  # K×r
         self.params = {**self.params, "rank": self.rank_}
-        return self
 
-    @classmethod
-    def from_state(cls, means: np.ndarray, whiten: np.ndarray) -> "Mahalanobis":
-        """A fitted scorer from its class means (K×D) and whitening matrix (D×r, Σ⁺ = W Wᵀ)."""
-        det = cls()
-        det.means_ = np.asarray(means, dtype=np.float64)
-        det.whiten_ = np.asarray(whiten, dtype=np.float64)
-        det.rank_ = det.whiten_.shape[1]
-        det.centres_ = det.means_ @ det.whiten_
-        return det
+    def _restored(self) -> None:
+        """From the stored class means (K×D) and whitening matrix (D×r, Σ⁺ = W Wᵀ)."""
+        self.means_ = np.asarray(self.means_, dtype=np.float64)
+        self.whiten_ = np.asarray(self.whiten_, dtype=np.float64)
+        self.rank_ = self.whiten_.shape[1]
+        self.centres_ = self.means_ @ self.whiten_
+        self.params = {**self.params, "rank": self.rank_}
 
-    def distances(self, outputs: ClassifierOutputs) -> np.ndarray:
+    def distances(self, outputs: ScorerInputs) -> np.ndarray:
         """Squared Mahalanobis distances N×K to the class means (float64)."""
-        if self.means_ is None:
-            raise DataError("Mahalanobis: call fit on known training samples before scoring")
-        f = _features64(outputs, "score")
+        self.check_fitted()
+        f = _features64(outputs, "score", self.source)
         if f.shape[1] != self.means_.shape[1]:
             raise DataError(
                 f"feature dimension {f.shape[1]} does not match the fitted {self.means_.shape[1]}"
@@ -116,6 +119,6 @@ class Mahalanobis(OutputScorer):
             out[start : start + chunk] = np.einsum("nkr,nkr->nk", diff, diff)
         return out
 
-    def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
+    def score_samples(self, outputs: ScorerInputs) -> np.ndarray:
         """−min_k (f − μ_k)ᵀ Σ⁺ (f − μ_k) -> N (float64), higher = more likely known."""
         return -self.distances(outputs).min(axis=1)

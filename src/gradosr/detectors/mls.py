@@ -10,14 +10,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer
+from gradosr.detectors.base import Scorer
+from gradosr.detectors.inputs import ScorerInputs
+from gradosr.detectors.registry import register
 
 
-class MLS(OutputScorer):
+@register
+class MLS(Scorer):
     method_id = "mls"
+    family = "logit"
+    paper = "Vaze et al., ICLR 2022"
     params: dict = {}
 
-    def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
+    def score_samples(self, outputs: ScorerInputs) -> np.ndarray:
         """Max logit of the logits N×K -> N (float64)."""
-        z = torch.as_tensor(outputs.logits, dtype=torch.float64)
+        z = torch.as_tensor(outputs.get("logits", "mls"), dtype=torch.float64)
         return z.max(dim=1).values.numpy()

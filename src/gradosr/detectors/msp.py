@@ -9,14 +9,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer
+from gradosr.detectors.base import Scorer
+from gradosr.detectors.inputs import ScorerInputs
+from gradosr.detectors.registry import register
 
 
-class MSP(OutputScorer):
+@register
+class MSP(Scorer):
     method_id = "msp"
+    family = "logit"
+    paper = "Hendrycks & Gimpel, ICLR 2017"
     params: dict = {}
 
-    def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
+    def score_samples(self, outputs: ScorerInputs) -> np.ndarray:
         """Max softmax probability of the logits N×K -> N (float64)."""
-        z = torch.as_tensor(outputs.logits, dtype=torch.float64)
+        z = torch.as_tensor(outputs.get("logits", "msp"), dtype=torch.float64)
         return torch.softmax(z, dim=1).max(dim=1).values.numpy()

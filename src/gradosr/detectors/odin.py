@@ -27,12 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer
+from gradosr.detectors.base import Scorer
+from gradosr.detectors.inputs import ScorerInputs
+from gradosr.detectors.registry import register
 from gradosr.errors import ConfigError, DataError
 from gradosr.models import eval_mode
 
 
-def _model_and_inputs(outputs: ClassifierOutputs, method: str) -> tuple[nn.Module, Tensor]:
+def _model_and_inputs(outputs: ScorerInputs, method: str) -> tuple[nn.Module, Tensor]:
     model, x = outputs.model, outputs.inputs
     if model is None or x is None:
         raise DataError(f"{method} needs the model and its inputs")
@@ -45,9 +47,12 @@ def _model_and_inputs(outputs: ClassifierOutputs, method: str) -> tuple[nn.Modul
     return model, x
 
 
-class ODIN(OutputScorer):
+@register
+class ODIN(Scorer):
     method_id = "odin"
-    needs_model = True
+    family = "logit"
+    paper = "Liang, Li & Srikant, ICLR 2018"
+    needs = ("logits", "model", "inputs")
 
     def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014,
                  batch_size: int = 256) -> None:
@@ -57,10 +62,11 @@ class ODIN(OutputScorer):
             raise ConfigError(f"epsilon must be >= 0, got {epsilon!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.temperature, self.epsilon = temperature, epsilon
         self.params = {"temperature": float(temperature), "epsilon": float(epsilon)}
         self.batch_size = batch_size
 
-    def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
+    def score_samples(self, outputs: ScorerInputs) -> np.ndarray:
         """Max tempered softmax of the perturbed inputs N×C×H×W -> N (float64)."""
         model, x = _model_and_inputs(outputs, self.method_id)
         t, eps = self.params["temperature"], self.params["epsilon"]

@@ -55,17 +55,17 @@ import numpy as np
 import torch
 from scipy.optimize import brentq
 
-from gradosr.detectors.base import ClassifierOutputs, OutputScorer, check_chunk_size, check_labels
+from gradosr.detectors.base import Scorer, check_chunk_size, check_labels
+from gradosr.detectors.inputs import ScorerInputs
+from gradosr.detectors.registry import register
 from gradosr.errors import ConfigError, DataError
 
 TAIL_SIZE = 20
 EUCLID_SCALE = 200.0
 
 
-def _logits64(outputs: ClassifierOutputs, what: str) -> np.ndarray:
-    if outputs.logits is None:
-        raise DataError(f"{what}: the outputs carry no logits")
-    v = torch.as_tensor(outputs.logits).detach().cpu().to(torch.float64).numpy()
+def _logits64(outputs: ScorerInputs, what: str) -> np.ndarray:
+    v = torch.as_tensor(outputs.get("logits", f"OpenMax ({what})")).detach().cpu().to(torch.float64).numpy()
     if v.ndim != 2 or v.shape[1] < 1:
         raise DataError(f"{what}: logits must be N×K, got shape {tuple(v.shape)}")
     if not np.isfinite(v).all():
@@ -114,9 +114,13 @@ def weibull_cdf(d: np.ndarray, shape: np.ndarray, scale: np.ndarray) -> np.ndarr
     return -np.expm1(-((d / scale) ** shape))
 
 
-class OpenMax(OutputScorer):
+@register
+class OpenMax(Scorer):
     method_id = "openmax"
+    family = "logit"
+    paper = "Bendale & Boult, CVPR 2016"
     needs_fit = True
+    _state_tensors = ("means_", "shapes_", "scales_", "n_correct_")
 
     def __init__(self, tail_size: int = TAIL_SIZE, chunk_size: int | None = None) -> None:
         """``tail_size``: distances per Weibull fit; ``chunk_size``: queries per block
@@ -133,9 +137,8 @@ class OpenMax(OutputScorer):
             "mav_samples": "correctly classified",
             "weibull": "2-parameter (loc=0), exact MLE",
         }
-        self.means_: np.ndarray | None = None
 
-    def fit(self, outputs: ClassifierOutputs, labels: np.ndarray) -> "OpenMax":
+    def _fit(self, outputs: ScorerInputs, labels: np.ndarray) -> None:
         """Per-class MAV of the correct training samples and a Weibull on their tail."""
         v = _logits64(outputs, "fit")
         k = v.shape[1]
@@ -165,12 +168,16 @@ class OpenMax(OutputScorer):
         self.scales_ = scales
         self.n_correct_ = n_correct
         self.params = {**self.params, "alpha": k}
-        return self
 
-    def recalibrated_probabilities(self, outputs: ClassifierOutputs) -> np.ndarray:
+    def _restored(self) -> None:
+        for name in ("means_", "shapes_", "scales_"):
+            setattr(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+        self.n_correct_ = np.asarray(self.n_correct_, dtype=np.int64)
+        self.params = {**self.params, "alpha": self.means_.shape[0]}
+
+    def recalibrated_probabilities(self, outputs: ScorerInputs) -> np.ndarray:
         """OpenMax probabilities N×(K+1) (float64); column 0 is the unknown class."""
-        if self.means_ is None:
-            raise DataError("OpenMax: call fit on known training samples before scoring")
+        self.check_fitted()
         v = _logits64(outputs, "score")
         k = self.means_.shape[0]
         if v.shape[1] != k:
@@ -195,6 +202,6 @@ class OpenMax(OutputScorer):
             out[start : start + chunk] = e / e.sum(axis=1, keepdims=True)
         return out
 
-    def score_samples(self, outputs: ClassifierOutputs) -> np.ndarray:
+    def score_samples(self, outputs: ScorerInputs) -> np.ndarray:
         """1 − P(unknown) = Σ_j P_j of the OpenMax probabilities -> N (float64)."""
         return self.recalibrated_probabilities(outputs)[:, 1:].sum(axis=1)

@@ -1,0 +1,238 @@
+"""The commands of ``gradosr``: ``cmd_<name>(args) -> exit status``."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from gradosr.errors import ConfigError, GradOSRError
+
+
+def _out_folder(path: str) -> Path:
+    """``--out`` as a Path; ConfigError when it exists and is not a folder (checked before any work)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    return out
+
+
+def _spec_from_args(args):
+    from gradosr.data.protocols import resolve_protocol
+
+    return resolve_protocol(args.protocol, split=args.split, split_seed=args.split_seed, dataset=args.dataset,
+                            known=args.known, unknown=args.unknown, known_dataset=args.known_dataset,
+                            unknown_dataset=args.unknown_dataset)
+
+
+def _train_config_from_args(args, dataset: str):
+    from gradosr.train import default_train_config
+
+    return default_train_config(dataset, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+                                optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                                image_size=args.image_size)
+
+
+def cmd_datasets(args) -> int:
+    from gradosr.data.registry import DATASETS, data_root, locate_dataset
+
+    root = data_root(args.data_dir)
+    print(f"data root: {root.resolve()} (set with --data-dir or GRADOSR_DATA)")
+    for name, info in DATASETS.items():
+        where = locate_dataset(name, args.data_dir)
+        if where is not None:
+            status = f"found     {where}"
+        else:
+            status = f"missing   {info.how_to_get}"
+        print(f"  {name:<14} {status}")
+    from gradosr.distributed import init_distributed, world_size
+
+    device = init_distributed(args.device)
+    procs = f", {world_size()} processes (torchrun)" if world_size() > 1 else ""
+    print(f"device: {device} (--device {args.device}){procs}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from gradosr.data.protocols import load_protocol
+    from gradosr.distributed import init_distributed
+    from gradosr.runs import ensure_classifier
+
+    spec = _spec_from_args(args)
+    config = _train_config_from_args(args, spec.dataset)
+    out = _out_folder(args.out) / "classifier"
+    device = init_distributed(args.device)
+    data = load_protocol(spec, args.data_dir)
+    print(f"protocol {spec.label}: known {list(spec.known)}, unknown {list(spec.unknown)}; "
+          f"{len(data.known_train)} train / {len(data.val)} val / {len(data.known_test)} known test images")
+    print(f"training {config.model} on {device}: {config.to_dict()}")
+    t0 = time.time()
+    clf, reused = ensure_classifier(data, config, out, resume=args.resume, device=device,
+                                    progress=not args.no_progress)
+    if reused:
+        print(f"{out} already holds this trained classifier; nothing to do")
+    print(f"closed-set test accuracy: {clf.meta['test_acc']:.4f} (val {clf.meta['val_acc']:.4f}); "
+          f"{time.time() - t0:.1f}s; saved in {out}")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from gradosr.checkpoint import read_json
+    from gradosr.data.protocols import load_protocol
+    from gradosr.distributed import init_distributed
+    from gradosr.osr import GradientOSR, make_config
+    from gradosr.train import identity_mismatch
+
+    spec = _spec_from_args(args)
+    config = _train_config_from_args(args, spec.dataset)
+    options = _method_options(args)
+    method = make_config(args.preset, **options)
+    out = _out_folder(args.out)
+    if (out / "osr.json").is_file():
+        stored = read_json(out / "osr.json")
+        if identity_mismatch(stored, {"config": method.to_dict(), "train": config.to_dict()}) is None:
+            print(f"{out} already holds this fitted method; nothing to do (gradosr evaluate --run {out})")
+            return 0
+    device = init_distributed(args.device)
+    data = load_protocol(spec, args.data_dir)
+    print(f"protocol {spec.label}: known {list(spec.known)}, unknown {list(spec.unknown)}")
+    t0 = time.time()
+    osr = GradientOSR(args.preset, train_config=config, device=device, progress=not args.no_progress,
+                      seed=args.seed, **options)
+    osr.fit(data, run_dir=out)
+    if osr.config_.method == "fusion":
+        detail = f"signals {', '.join(osr.config_.fusion.signals)} (k = {osr.method_.detector_.k_})"
+    else:
+        detail = (f"proxy unknowns (labels) {osr.method_.members_[0].proxy_unknown}, "
+                  f"{len(osr.method_.param_names_)} gradient features")
+    print(f"fitted {args.preset} in {time.time() - t0:.1f}s: classifier test accuracy "
+          f"{osr.classifier_.meta.get('test_acc', float('nan')):.4f}, {detail}, threshold {osr.threshold_:.4g}; "
+          f"saved in {out}")
+    return 0
+
+
+def _method_options(args) -> dict:
+    keys = ("target", "n_ones", "output", "log", "standardize", "detector_data", "proxy_unknown",
+            "proxy_ensemble", "projection_inputs", "threshold_rule", "threshold", "target_tpr", "hidden", "gradient_rep", "k",
+            "projection_dim", "combine", "gradient_metric")
+    options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    for key in ("signals", "logit_inputs"):
+        if getattr(args, key, None) is not None:
+            options[key] = tuple(x.strip() for x in getattr(args, key).split(",") if x.strip())
+    return options
+
+
+def cmd_predict(args) -> int:
+    from gradosr.distributed import init_distributed
+    from gradosr.images import read_image
+    from gradosr.osr import GradientOSR
+
+    osr = GradientOSR.load(args.run, device=init_distributed(args.device))
+    clf = osr.classifier_
+    failed = 0
+    ok: list[tuple[str, object]] = []
+
+    def flush() -> None:
+        if not ok:
+            return
+        import torch
+
+        labels, scores = osr.predict(torch.cat([x for _, x in ok]), return_scores=True)
+        for (path, _), label, score in zip(ok, labels, scores):
+            if label < 0:
+                text = "unknown"
+            else:
+                cid, name = clf.class_ids[label], clf.class_names[label]
+                text = str(cid) if name == str(cid) else f"{cid} ({name})"
+            print(f"{path}\t{text}\t{score:.6f}", flush=True)
+        ok.clear()
+
+    for path in args.files:
+        try:
+            ok.append((path, clf.inputs(read_image(path, clf.preprocessing))))
+        except GradOSRError as exc:
+            flush()
+            failed += 1
+            print(f"{path}\terror\t{exc}", flush=True)
+            continue
+        if len(ok) >= args.batch_size:
+            flush()
+    flush()
+    return 1 if failed else 0
+
+
+def _protocol_options(args) -> dict:
+    """The resolve_protocol options given besides --protocol (benchmark, ablate)."""
+    keys = ("dataset", "known", "unknown", "known_dataset", "unknown_dataset")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def _train_overrides(args) -> dict:
+    """The training options given on the command line (benchmark, ablate; the seed apart)."""
+    keys = ("model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "image_size")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def cmd_benchmark(args) -> int:
+    from gradosr.bench import BenchmarkSettings, run_benchmark
+    from gradosr.data.protocols import parse_index_list
+    from gradosr.distributed import init_distributed
+    from gradosr.evaluation import format_table
+
+    if args.split is not None or args.split_seed is not None:
+        raise ConfigError("benchmark takes --splits (e.g. 0-4), not --split/--split-seed")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    settings = BenchmarkSettings(
+        protocol=args.protocol, splits=parse_index_list(args.splits, "--splits"), methods=methods,
+        out=_out_folder(args.out),
+        protocol_args=_protocol_options(args), train_overrides=_train_overrides(args),
+        seed=args.seed, preset=args.preset, method_options=_method_options(args), data_dir=args.data_dir,
+        device=init_distributed(args.device), progress=not args.no_progress, command=_command_line(args))
+    doc = run_benchmark(settings)
+    print(format_table(doc["summary"]))
+    print(f"results written to {settings.out}/results.json, results.md, results.csv and plots/")
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from gradosr.ablation import AblationSettings, run_ablation, select_variants
+    from gradosr.data.protocols import parse_index_list
+    from gradosr.distributed import init_distributed
+
+    if args.split is not None or args.split_seed is not None:
+        raise ConfigError("ablate takes --splits (e.g. 0-4), not --split/--split-seed")
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    select_variants(names)  # unknown names fail before any work
+    settings = AblationSettings(
+        protocol=args.protocol, splits=parse_index_list(args.splits, "--splits"), variants=names,
+        out=_out_folder(args.out),
+        protocol_args=_protocol_options(args), train_overrides=_train_overrides(args),
+        seed=args.seed, data_dir=args.data_dir, device=init_distributed(args.device), progress=not args.no_progress,
+        command=_command_line(args))
+    run_ablation(settings)
+    print(f"results written to {settings.out}/results.json and results.md")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from gradosr.distributed import init_distributed
+    from gradosr.evaluate import evaluate_run
+    from gradosr.evaluation import format_table, results_document
+    from gradosr.checkpoint import atomic_write_json
+
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    records, info = evaluate_run(Path(args.run), methods, data_dir=args.data_dir, device=init_distributed(args.device),
+                                 progress=not args.no_progress)
+    doc = results_document(_command_line(args), records, info)
+    out = Path(args.json) if args.json else Path(args.run) / "eval.json"
+    atomic_write_json(out, doc)
+    print(format_table(doc["summary"]))
+    print(f"results written to {out}")
+    return 0
+
+
+def _command_line(args) -> str:
+    """The command as the user gave it (the argv passed to :func:`main`, else sys.argv)."""
+    argv = getattr(args, "argv", None)
+    return "gradosr " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

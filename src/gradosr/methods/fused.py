@@ -1,0 +1,102 @@
+"""The ``plus`` preset's strategy (``OSRConfig.method == "fusion"``): no proxy
+classifier; the final classifier's known training samples are modelled directly by the
+fused detector (:class:`gradosr.detectors.fusion.FusedScorer`: kNN in gradient space,
+kNN on features, max logit, …), calibrated on the held-out knowns.
+
+The gradient representations it computes (:meth:`FusedMethod.inputs`): the logit
+gradient g (N×K) of the configured loss, whose outer product with the features is the
+head's weight gradient g hᵀ; the paper's log gradient norms (N×P), standardised with the
+held-out knowns' statistics; a random projection of the full per-sample gradient of
+every Linear/Conv weight (N×P', :mod:`gradosr.gradients.projection`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradosr.checkpoint import under_prefix, with_prefix
+from gradosr.classifier import Classifier
+from gradosr.detectors.fusion import FusedScorer
+from gradosr.detectors.inputs import ScorerInputs
+from gradosr.errors import CheckpointError
+from gradosr.gradients import select_parameters
+from gradosr.gradients.logit import logit_gradient
+from gradosr.gradients.targets import check_n_ones
+from gradosr.methods.base import FitContext, FitData, register_strategy
+from gradosr.methods.detector_inputs import gradient_features
+from gradosr.representation import Standardizer, check_params_exist
+
+
+@register_strategy("fusion")
+class FusedMethod:
+    """The ``fusion`` strategy; fitted attributes ``detector_``, ``scaler_`` (of the
+    gradient norms) and ``param_names_``."""
+
+    def __init__(self, config, seed: int = 0, progress: bool = False):
+        self.config, self.seed, self.progress = config, seed, progress
+
+    def check(self, k: int) -> None:
+        check_n_ones(self.config.representation.n_ones, k)
+
+    def _uses(self, rep: str) -> bool:
+        fus = self.config.fusion
+        return "gradient" in fus.signals and fus.gradient_rep == rep
+
+    def fit(self, ctx: FitContext, data: FitData) -> "FusedMethod":
+        clf, rep = ctx.classifier, self.config.representation
+        self.param_names_ = []
+        self.scaler_ = Standardizer.identity(0)
+        if self._uses("norms"):
+            self.param_names_ = select_parameters(clf.model, list(rep.params) if rep.params is not None else None)
+            self.scaler_ = Standardizer.fit(self._norms(clf, data.xv, "held-out knowns"))
+        self.detector_ = FusedScorer(self.config.fusion)
+        self.detector_.fit(self.inputs(clf, data.xt, "known training"), data.yt)
+        self.detector_.calibrate(self.inputs(clf, data.xv, "held-out knowns"))
+        return self
+
+    def _norms(self, clf: Classifier, x: torch.Tensor, desc: str) -> torch.Tensor:
+        return gradient_features(clf.model, x, self.config, self.param_names_, self.seed, self.progress, desc)
+
+    def inputs(self, clf: Classifier, x: torch.Tensor, desc: str = "gradients") -> ScorerInputs:
+        """What the fused detector reads of model inputs x: logits N×K and features N×D
+        (float64) and the configured gradient representations."""
+        rep, fus = self.config.representation, self.config.fusion
+        logits, feats = clf.logits_and_features(x)
+        out = ScorerInputs(logits.to(torch.float64), feats.to(torch.float64))
+        if self._uses("head"):
+            out.gradients["logit_grad"] = logit_gradient(logits, rep.target, rep.n_ones, rep.output)
+        if self._uses("norms"):
+            out.gradients["norms"] = self.scaler_(self._norms(clf, x, desc))
+        if self._uses("projection"):
+            from gradosr.gradients.projection import projected_gradients
+
+            # the projection matrices are drawn from the method's seed (stored in osr.json)
+            out.gradients["projection"] = projected_gradients(clf.model, x, fus.projection_dim, rep.target,
+                                                              rep.n_ones, rep.output, seed=self.seed)
+        return out
+
+    def score_samples(self, classifier: Classifier, x: torch.Tensor) -> np.ndarray:
+        """The combined signals (float64 N), higher = more likely known."""
+        return self.detector_.score_samples(self.inputs(classifier, x))
+
+    def proxies(self) -> list:
+        return []
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = self.detector_.state()
+        tensors = with_prefix(tensors, "detector.")
+        tensors["scaler.final.mean"], tensors["scaler.final.std"] = self.scaler_.mean, self.scaler_.std
+        return tensors, {"param_names": self.param_names_, "detector": meta}
+
+    @classmethod
+    def from_state(cls, tensors: dict, meta: dict, config, classifier: Classifier, seed: int) -> "FusedMethod":
+        self = cls(config, seed)
+        try:
+            self.param_names_ = list(meta["param_names"])
+            self.scaler_ = Standardizer(tensors["scaler.final.mean"], tensors["scaler.final.std"])
+            self.detector_ = FusedScorer.from_state(under_prefix(tensors, "detector."), meta["detector"])
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"the stored fused method is incomplete: missing {exc}") from None
+        check_params_exist(self.param_names_, classifier.model)
+        return self
