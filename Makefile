@@ -15,7 +15,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/gradosr fit --protocol mnist-sample --split 0 --out runs/demo
-	$(VENV)/bin/gradosr evaluate --run runs/demo
+	$(VENV)/bin/gradosr evaluate runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests

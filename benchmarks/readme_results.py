@@ -8,7 +8,7 @@ Usage::
 
 The section between ``<!-- results:start -->`` and ``<!-- results:end -->`` is replaced:
 per protocol, its heading, the command that produced it, its wall time and the
-benchmark's mean ± std table (:func:`gradosr.bench.report.markdown_table`).
+benchmark's mean ± std table (:func:`gradosr.evaluation.tables.markdown_table`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from gradosr.bench.report import markdown_table
+from gradosr.evaluation.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = [
@@ -52,7 +52,7 @@ def section() -> str:
 
 
 def ablation_tables() -> str:
-    from gradosr.ablation import markdown
+    from gradosr.evaluation.ablation import markdown
 
     parts = []
     for folder, title in ABLATIONS:

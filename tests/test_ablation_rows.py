@@ -40,7 +40,7 @@ def test_ensemble_score_is_the_mean_of_single_split_methods(model, tmp_path):
     second = proxy_splits(K, 0, None, 2)[1]
     seed1 = next(s for s in range(100) if proxy_split(K, s) == second)
     single0 = make_osr(model).fit(X, Y, X_VAL, Y_VAL)
-    single1 = make_osr(model, seed=seed1).fit(X, Y, X_VAL, Y_VAL)
+    single1 = make_osr(model, seed=seed1, detector__seed=0).fit(X, Y, X_VAL, Y_VAL)  # the members share one detector seed
     assert [m.proxy_unknown for m in ens.method_.members_] == [single0.method_.members_[0].proxy_unknown, single1.method_.members_[0].proxy_unknown]
     x_test, _ = make_data(4, seed=2, num_classes=10)
     expected = (single0.score_samples(x_test) + single1.score_samples(x_test)) / 2
@@ -142,7 +142,7 @@ def test_important_subspace_keeps_the_energy_fraction():
 def test_ablation_reuses_records_written_before_new_options_existed(tmp_path):
     from pathlib import Path
 
-    from gradosr.ablation import AblationSettings, _finished, _previous_document
+    from gradosr.evaluation.ablation import AblationSettings, _finished, _previous_document
 
     cfg = make_config("paper").to_dict()
     for key in ("proxy_ensemble", "logit_inputs", "projection_inputs"):  # what an older record lacks
@@ -155,7 +155,8 @@ def test_ablation_reuses_records_written_before_new_options_existed(tmp_path):
                        {"method": "paper-n2", "split": 0, "config": cfg}]}  # n2's config differs: recomputed
     path = Path(tmp_path) / "results.json"
     path.write_text(json.dumps(doc))
-    found = _finished(_previous_document(path, AblationSettings("mnist-sample", [0], ["all"], tmp_path)))
+    settings = AblationSettings("mnist-sample", [0], tmp_path, variants=["all"])
+    found = _finished(_previous_document(path, settings), settings)
     assert list(found) == [("paper", 0)]
 
 
@@ -192,16 +193,16 @@ def test_cli_method_flags_of_the_new_options():
                                       "--projection-inputs", "4", "--combine", "fisher"])
     opts = _method_options(args)
     paper_keys = ("proxy_ensemble", "logit_inputs", "projection_inputs")
-    assert opts == {"proxy_ensemble": 2, "logit_inputs": ("max_logit", "logsumexp"), "gradient_rep": "projection",
-                    "projection_dim": 8, "signals": ("gradorth", "features"), "projection_inputs": 4,
-                    "combine": "fisher"}
+    assert opts == {"proxy_ensemble": 2, "logit_inputs": ("max_logit", "logsumexp"), "fusion__gradient_rep": "projection",
+                    "fusion__projection_dim": 8, "fusion__signals": ("gradorth", "features"), "projection_inputs": 4,
+                    "fusion__combine": "fisher"}
     make_config("paper", **{k: v for k, v in opts.items() if k in paper_keys})
     make_config("plus", **{k: v for k, v in opts.items() if k not in paper_keys})
 
 
 def test_benchmark_reuses_a_fitted_method_written_before_new_options_existed(tmp_path):
-    from gradosr.bench.runner import _stored_identity
-    from gradosr.train import identity_mismatch
+    from gradosr.evaluation.benchmark import _stored_identity
+    from gradosr.runs import identity_mismatch
 
     cfg = make_config("paper").to_dict()
     for key in ("proxy_ensemble", "logit_inputs", "projection_inputs"):

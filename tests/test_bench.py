@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from gradosr.bench import BenchmarkSettings, run_benchmark
-from gradosr.bench.report import markdown_table
+from gradosr.evaluation.benchmark import BenchmarkSettings, run_benchmark
+from gradosr.evaluation.tables import markdown_table
 from gradosr.errors import GradOSRError
 
 METHODS = ["msp", "mls", "gradnorm"]
@@ -84,7 +84,7 @@ def test_second_run_reuses_cache(bench, monkeypatch):
 
 
 def test_interrupted_benchmark_resumes(tmp_path, monkeypatch):
-    import gradosr.bench.runner as runner
+    import gradosr.evaluation.driver as runner
 
     real = runner.load_protocol
     calls = []

@@ -140,7 +140,7 @@ def scorer_cases(model: nn.Module) -> dict[str, np.ndarray]:
     from gradosr.detectors.gradunc import GradUnc
     from gradosr.detectors.knn import KNN
     from gradosr.detectors.odin import ODIN
-    from gradosr.evaluate import sharded_scores
+    from gradosr.evaluation.scoring import sharded_scores
 
     def outputs(x):
         x = torch.as_tensor(x)
@@ -169,7 +169,7 @@ def osr_cases(model: nn.Module, run_dir: Path) -> dict[str, np.ndarray]:
 
     x, y = make_data(30, seed=0)
     xv, yv = make_data(8, seed=1)
-    osr = GradientOSR.from_classifier(model, train_config=TrainConfig(model="custom", epochs=2, batch_size=32),
+    osr = GradientOSR.from_classifier(model, preset="paper", train_config=TrainConfig(model="custom", epochs=2, batch_size=32),
                                       max_epochs=15, threshold_rule="tpr")
     osr.fit(torch.as_tensor(x), y, torch.as_tensor(xv), yv, run_dir=run_dir)
     x_test, _ = make_data(5, seed=2, num_classes=10)
@@ -184,7 +184,7 @@ def score_split_cases() -> dict[str, np.ndarray]:
     from gradosr.classifier import Classifier
     from gradosr.data.imageset import ImageSet
     from gradosr.data.protocols import OSRData, ProtocolSpec
-    from gradosr.evaluate import score_split
+    from gradosr.evaluation.scoring import score_split
     from gradosr.osr import GradientOSR
     from gradosr.preprocess import Preprocessing
     from gradosr.train import TrainConfig
@@ -205,8 +205,8 @@ def score_split_cases() -> dict[str, np.ndarray]:
         nn.functional.cross_entropy(model(xt), yt).backward()
         opt.step()
     clf = Classifier(model.eval(), "custom", pre, list(range(k)), meta={"complete": True})
-    osr = GradientOSR(classifier=clf, train_config=TrainConfig(model="custom", epochs=1, batch_size=16),
-                      max_epochs=5, threshold_rule="tpr", batch_size=16)
+    osr = GradientOSR("paper", classifier=clf, train_config=TrainConfig(model="custom", epochs=1, batch_size=16),
+                      max_epochs=5, threshold_rule="tpr", extraction__batch_size=16)  # shards of 16 rows
     osr.fit(train.images, train.labels, val.images, val.labels)
     methods = ["paper", "msp", "energy", "knn", "mahalanobis", "openmax", "gradnorm", "odin", "gradunc"]
     y_true, closed, scores = score_split(clf, data, methods, osr)

@@ -278,7 +278,7 @@ def test_empty_known_class(tmp_path, osr):
         load_protocol(spec, tmp_path)
     # fitting on arrays without any sample of a known class: nothing trained or written
     keep = TRAIN.labels != 3
-    fresh = GradientOSR(classifier=osr.classifier_, train_config=TRAIN_CONFIG, max_epochs=5)
+    fresh = GradientOSR("paper", classifier=osr.classifier_, train_config=TRAIN_CONFIG, max_epochs=5)
     with fails(DataError, r"known classes \[3\] have no training samples", tmp_path):
         fresh.fit(TRAIN.images[keep], TRAIN.labels[keep], VAL.images, VAL.labels, run_dir=tmp_path / "new-run")
     assert not (tmp_path / "new-run").exists()
@@ -312,7 +312,7 @@ def test_fewer_than_two_known_classes(tmp_path):
     clf = train_classifier((PRE(TRAIN.images[keep]), TRAIN.labels[keep]), None, [0, 1], two, PRE, progress=False,
                            log=lambda line: None)
     with fails(ConfigError, r"the method needs at least 3 known classes", tmp_path):
-        GradientOSR(classifier=clf, train_config=two).fit(TRAIN.images[keep], TRAIN.labels[keep],
+        GradientOSR("paper", classifier=clf, train_config=two).fit(TRAIN.images[keep], TRAIN.labels[keep],
                                                           run_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()
 
@@ -386,7 +386,7 @@ def test_custom_model_inputs_of_another_shape(tmp_path):
 
     x = np.random.default_rng(0).normal(size=(60, 1, 8, 8)).astype(np.float32)
     y = np.repeat(np.arange(K), 15)
-    fitted = GradientOSR.from_classifier(FlatNet(), train_config=TrainConfig(model="custom", epochs=1),
+    fitted = GradientOSR.from_classifier(FlatNet(), preset="paper", train_config=TrainConfig(model="custom", epochs=1),
                                          max_epochs=3).fit(x, y)
     assert fitted.classifier_.input_shape == (1, 8, 8)
     with fails(DataError, r"model inputs N×1×8×8 for this classifier, got shape \(2, 3, 8, 8\)", tmp_path):
@@ -515,7 +515,7 @@ def test_confounding_n_ones(run, tmp_path, capsys, osr):
               "--out", tmp_path / "r")
     assert not (tmp_path / "r").exists()
     # more ones than the proxy classifier (K - round(K/3) = 3 outputs) has: refused before training
-    fresh = GradientOSR(classifier=osr.classifier_, train_config=TRAIN_CONFIG, n_ones=K)
+    fresh = GradientOSR("paper", classifier=osr.classifier_, train_config=TRAIN_CONFIG, n_ones=K)
     with fails(ConfigError, r"n_ones must be in \{0, 2, ..., 3\}, got 4 \(the proxy classifier has 3", tmp_path):
         fresh.fit(TRAIN.images, TRAIN.labels, run_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()
@@ -556,7 +556,7 @@ def test_corrupt_model_json(run, capsys):
 
 def test_fit_into_a_run_with_another_proxy(run, osr):
     other = TrainConfig(model="lenet", epochs=2, batch_size=32, seed=0)
-    fresh = GradientOSR(classifier=osr.classifier_, train_config=other, max_epochs=5)
+    fresh = GradientOSR("paper", classifier=osr.classifier_, train_config=other, max_epochs=5)
     with fails(CheckpointError, r"holds another proxy classifier: train.epochs is 1 in the checkpoint but 2", run):
         fresh.fit(TRAIN.images, TRAIN.labels, VAL.images, VAL.labels, run_dir=run)
 

@@ -227,7 +227,7 @@ def lenet_osr(tmp_path_factory) -> GradientOSR:
 def flat_osr() -> GradientOSR:
     """A custom model without preprocessing (float 1×8×8 inputs), fitted on arrays."""
     x = np.random.default_rng(0).normal(size=(60, 1, 8, 8)).astype(np.float32)
-    return GradientOSR.from_classifier(FlatNet(), train_config=TrainConfig(model="custom", epochs=1),
+    return GradientOSR.from_classifier(FlatNet(), preset="paper", train_config=TrainConfig(model="custom", epochs=1),
                                        max_epochs=3).fit(x, np.repeat(np.arange(K), 15))
 
 

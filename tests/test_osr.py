@@ -65,6 +65,7 @@ def model() -> TinyNet:
 
 def make_osr(model: nn.Module, **options) -> GradientOSR:
     options.setdefault("max_epochs", 15)
+    options.setdefault("preset", "paper")
     return GradientOSR.from_classifier(model, train_config=TrainConfig(model="custom", epochs=2, batch_size=32),
                                        **options)
 
@@ -119,7 +120,7 @@ def test_proxy_factory_is_used(model):
         sizes.append(n)
         return TinyNet(n)
 
-    osr = GradientOSR.from_classifier(model, train_config=TrainConfig(model="custom", epochs=1, batch_size=32),
+    osr = GradientOSR.from_classifier(model, preset="paper", train_config=TrainConfig(model="custom", epochs=1, batch_size=32),
                                       proxy_factory=factory, max_epochs=5).fit(X, Y)
     assert sizes == [K - 2] and osr.method_.members_[0].proxy.model.head.out_features == K - 2
 

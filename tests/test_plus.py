@@ -11,7 +11,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 from torch import nn
 
-from gradosr.ablation import VARIANT_NAMES, markdown, select_variants
+from gradosr.evaluation.ablation import VARIANT_NAMES, markdown, select_variants
 from gradosr.detectors.fusion import FusedScorer, FusionConfig
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.knn import KNN
@@ -20,7 +20,8 @@ from gradosr.errors import ConfigError
 from gradosr.gradients.targets import per_sample_loss
 from gradosr.metrics import auroc
 from gradosr.models import find_head
-from gradosr.osr import PRESETS, GradientOSR, make_config
+from gradosr.methods.config import PRESETS, make_config
+from gradosr.osr import GradientOSR
 from gradosr.train import TrainConfig
 from test_osr import X, X_VAL, Y, Y_VAL, make_data, trained_model
 
@@ -171,7 +172,7 @@ def test_presets_and_ablation_variants():
 def test_ablation_markdown_deltas():
     rec = lambda m, a: {"method": m, "split": 0, "auroc": a, "macro_f1_tpr95": 0.5, "macro_f1": 0.5,  # noqa: E731
                         "fpr95": 0.5}
-    from gradosr.evaluation import summarise
+    from gradosr.evaluation.records import summarise
 
     doc = {"protocol": "x", "command": "c", "splits": [0], "summary": summarise(
         [rec("paper", 0.8), rec("paper-n2", 0.75), rec("plus", 0.9), rec("plus-no-gradient", 0.93)]),

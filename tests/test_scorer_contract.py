@@ -127,10 +127,10 @@ def logit_margin():
 
 
 def test_a_scorer_registered_in_one_line_runs_the_contract_and_the_benchmark(logit_margin, tmp_path):
-    from gradosr.bench import BenchmarkSettings, run_benchmark
+    from gradosr.evaluation.benchmark import BenchmarkSettings, run_benchmark
     from gradosr.classifier import Classifier
     from gradosr.data.protocols import load_protocol, resolve_protocol
-    from gradosr.evaluate import test_images, test_labels
+    from gradosr.evaluation.scoring import test_images, test_labels
 
     check_contract(LogitMargin.method_id, tmp_path)
     settings = BenchmarkSettings(protocol="mnist-sample", splits=[0], methods=["msp", LogitMargin.method_id],

@@ -267,10 +267,20 @@ def test_ensure_classifier_refuses_another_identity(tmp_path):
         ensure_classifier(data, cfg(lr=5e-3), out, progress=False)
     with pytest.raises(CheckpointError, match=r"train\.seed"):
         ensure_classifier(data, cfg(seed=1), out, progress=False)
-    other = OSRData(ProtocolSpec("custom", "mnist-sample", (0, 1, 2), (4,), "mnist-sample"),
+    other = OSRData(ProtocolSpec("custom", "mnist-sample", (0, 1, 3), (4,), "mnist-sample"),
                     data.known_train, data.val, data.known_test, data.unknown_test, data.class_names)
-    with pytest.raises(CheckpointError, match=r"protocol\.unknown"):
+    with pytest.raises(CheckpointError, match=r"protocol\.known"):
         ensure_classifier(other, cfg(), out, progress=False)
+    # other unknowns on the same known data: what trains the classifier is the same, so it is reused
+    spec = data.spec
+    same_known = OSRData(ProtocolSpec(spec.name, spec.dataset, spec.known, (9,), spec.unknown_dataset, spec.split,
+                                      spec.split_seed, spec.seed),
+                         data.known_train, data.val, data.known_test, data.unknown_test, data.class_names)
+    first = Classifier.load(out)
+    clf, reused = ensure_classifier(same_known, cfg(), out, progress=False)
+    assert reused
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(v, clf.model.state_dict()[k])
 
 
 def test_ensure_classifier_unfinished_needs_resume(tmp_path):

@@ -47,7 +47,7 @@ def quiet(_line: str) -> None:
 def build_run(run_dir: str | Path | None) -> GradientOSR:
     """Fit the tiny LeNet run (saved into ``run_dir`` when given)."""
     clf = train_classifier(TRAIN, VAL, list(range(K)), TRAIN_CONFIG, PRE, progress=False, log=quiet)
-    osr = GradientOSR(classifier=clf, train_config=TRAIN_CONFIG, max_epochs=5)
+    osr = GradientOSR("paper", classifier=clf, train_config=TRAIN_CONFIG, max_epochs=5)
     return osr.fit(TRAIN.images, TRAIN.labels, VAL.images, VAL.labels, run_dir=run_dir)
 
 

@@ -56,7 +56,8 @@ def _batched_outputs_local(model: nn.Module, x: torch.Tensor, batch_size: int,
     finally:
         if hook is not None:
             hook.remove()
-    n_out = logits[0].shape[1] if logits else 0
+    # an empty shard (a distributed run) still has K logit columns
+    n_out = logits[0].shape[1] if logits else (head or find_head(model)).out_features
     logit_t = torch.cat(logits) if logits else torch.zeros(0, n_out)
     feat_t = (torch.cat(feats) if feats else torch.zeros(0, head.in_features)) if head is not None else None
     return logit_t, feat_t

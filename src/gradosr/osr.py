@@ -31,7 +31,7 @@ from gradosr.classifier import Classifier
 from gradosr.data.protocols import OSRData
 from gradosr.errors import ConfigError, NotFittedError
 from gradosr.methods import STRATEGIES, FitContext, ProxyStore, persistence
-from gradosr.methods.config import DEFAULT_PRESET, PRESETS, OSRConfig, make_config, nested_params  # noqa: F401
+from gradosr.methods.config import DEFAULT_PRESET, OSRConfig, make_config, nested_params
 from gradosr.methods.fit_data import array_data, check_every_class, protocol_classifier, protocol_data
 from gradosr.metrics import open_set_predictions, threshold_at_tpr
 from gradosr.models import find_head
@@ -54,12 +54,13 @@ class GradientOSR:
     Parameters: ``classifier`` (a :class:`Classifier`; None: trained on the protocol),
     ``train_config`` (the closed-set and proxy training recipe), ``proxy_factory(n)``
     (a fresh proxy model with n outputs, for custom architectures), ``seed`` (the
-    method's seed: random projections and the array validation split), ``proxy_store``
+    method's seed: the detector, the random projections and the array validation
+    split; the training seed is ``train_config.seed``), ``proxy_store``
     (a :class:`gradosr.methods.ProxyStore` shared between estimators), ``device``,
     ``progress``.
     """
 
-    def __init__(self, preset: str = "paper", classifier: Classifier | None = None,
+    def __init__(self, preset: str = DEFAULT_PRESET, classifier: Classifier | None = None,
                  train_config: TrainConfig | None = None, proxy_factory: Callable[[int], nn.Module] | None = None,
                  device: str | torch.device = "cpu", progress: bool = False, seed: int = 0,
                  proxy_store: ProxyStore | None = None, **options):
@@ -72,7 +73,7 @@ class GradientOSR:
     @classmethod
     def from_classifier(cls, model: nn.Module, preprocessing=None, class_ids: list[int] | None = None,
                         class_names: list[str] | None = None, train_config: TrainConfig | None = None,
-                        proxy_factory: Callable[[int], nn.Module] | None = None, preset: str = "paper",
+                        proxy_factory: Callable[[int], nn.Module] | None = None, preset: str = DEFAULT_PRESET,
                         **kwargs) -> "GradientOSR":
         """Wrap a user's trained ``nn.Module`` (N×C×H×W inputs -> N×K logits). Proxies come
         from ``proxy_factory(n)``, or the model deep-copied, re-initialised and its head
@@ -89,7 +90,7 @@ class GradientOSR:
     # -------------------------------------------------------------- parameters
     def resolved_config(self) -> OSRConfig:
         """The config that the preset and options give (what ``fit`` will use)."""
-        return make_config(self.preset, **self.options)
+        return make_config(self.preset, seed=self.seed, **self.options)
 
     def get_params(self, deep: bool = True) -> dict:
         """Constructor parameters and options as given; with ``deep``, also every config
@@ -103,7 +104,7 @@ class GradientOSR:
         """Change parameters or options (nested names such as ``detector__hidden``); the
         next ``fit`` uses them."""
         options = {**self.options, **{k: v for k, v in params.items() if k not in _PARAMS}}
-        make_config(params.get("preset", self.preset), **options)  # refuse before changing anything
+        make_config(params.get("preset", self.preset), seed=params.get("seed", self.seed), **options)  # refuse first
         for k, v in params.items():
             if k in _PARAMS:
                 setattr(self, k, v)

@@ -45,7 +45,7 @@ class Preprocessing:
 
     @classmethod
     def default(cls, size: tuple[int, int], channels: int) -> "Preprocessing":
-        """DESIGN.md §8: pixels /255, then (x - 0.5) / 0.5."""
+        """docs/design.md, "Training defaults": pixels /255, then (x - 0.5) / 0.5."""
         return cls(size, channels, (0.5,) * channels, (0.5,) * channels)
 
     def to_dict(self) -> dict:

@@ -16,7 +16,8 @@ from torch import nn
 from gradosr.distributed import map_rows
 from gradosr.errors import ConfigError
 from gradosr.gradients import squared_norms
-from gradosr.gradients.targets import check_n_ones, check_target
+from gradosr.gradients.targets import OUTPUTS, TARGETS, check_n_ones, check_target
+from gradosr.options import option
 from gradosr.progress import progress_bar
 
 #: squared norms below this are clamped before the log (a dead ReLU layer gives 0)
@@ -35,11 +36,13 @@ class RepresentationConfig:
         log: take log(r) before standardising.
     """
 
-    target: str = "confounding"
-    n_ones: int | None = None
-    output: str = "softmax"
-    params: tuple[str, ...] | None = None
-    log: bool = True
+    target: str = option("confounding", help="loss target whose gradients make the representation",
+                         choices=TARGETS)
+    n_ones: int | None = option(None, kind="int", help="ones in the confounding label (default N; 0 or 2..N)")
+    output: str = option("softmax", help="activation of the confounding loss", choices=OUTPUTS)
+    params: tuple[str, ...] | None = option(None, kind="csv",
+                                            help="comma-separated parameter names (default: every parameter)")
+    log: bool = option(True, help="do not take the log of the squared norms")
 
     def __post_init__(self) -> None:
         check_target(self.target, self.output)

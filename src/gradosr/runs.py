@@ -1,26 +1,131 @@
-"""Run directories (DESIGN.md §8) and the classifier step shared by train/fit/benchmark.
+"""Run folders: where every stage keeps what it writes, and whether a stored object is
+the one asked for (docs/design.md, "Run folder layout").
 
-Layout: ``<run>/classifier/{model.safetensors, model.json}``, ``<run>/proxy/…``,
-``<run>/detector/…``, ``<run>/osr.json``, ``<run>/eval.json``.
+- :class:`RunLayout`: one run folder, ``classifier/``, ``proxy/`` (``proxy2/``, …),
+  ``detector/``, ``osr.json``, ``eval.json``, and the folder of each fitted preset;
+- :class:`BenchmarkLayout`: a benchmark's or an ablation's ``--out``: ``runs/split<S>/``
+  (a RunLayout each), ``cache/``, the results files;
+- :func:`identity_mismatch`, :func:`classifier_identity`, :func:`training_identity`: the
+  identity checks of stored classifiers, proxies and fitted methods;
+- :func:`ensure_classifier`: the classifier step shared by train, fit, benchmark and ablate.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from gradosr.checkpoint import read_json
 from gradosr.classifier import Classifier
 from gradosr.data.protocols import OSRData, ProtocolSpec
 from gradosr.errors import CheckpointError
-from gradosr.train import TrainConfig, accuracy, default_preprocessing, identity_mismatch, train_classifier
+from gradosr.train import TrainConfig, accuracy, default_preprocessing, train_classifier
+
+#: protocol fields that say which unknowns a split is tested on: they do not change what trains a classifier
+UNKNOWN_ONLY = ("unknown", "unknown_dataset")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files of one run folder (``gradosr fit --out``, a benchmark split)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def classifier(self) -> Path:
+        return self.root / "classifier"
+
+    def proxy(self, index: int) -> Path:
+        """The ``index``-th proxy classifier: ``proxy``, ``proxy2``, …"""
+        return self.root / ("proxy" if index == 0 else f"proxy{index + 1}")
+
+    @property
+    def detector(self) -> Path:
+        return self.root / "detector"
+
+    @property
+    def osr_json(self) -> Path:
+        return self.root / "osr.json"
+
+    @property
+    def eval_json(self) -> Path:
+        return self.root / "eval.json"
+
+    def preset(self, name: str) -> "RunLayout":
+        """Where a run keeps a preset's fitted method: the run folder itself for ``paper``
+        (and for whatever ``gradosr fit --out`` wrote there), ``<run>/<preset>/`` for the
+        other presets that ``gradosr benchmark`` fits beside it (all on one classifier)."""
+        return self if name == "paper" else RunLayout(self.root / name)
+
+    def is_fitted(self) -> bool:
+        return self.osr_json.is_file()
+
+    def classifier_sha256(self) -> str:
+        """The sha256 of the stored classifier's weights (its model.json records it)."""
+        return read_json(self.classifier / "model.json")["sha256"]
+
+    def detector_sha256(self) -> str:
+        return read_json(self.detector / "detector.json")["sha256"]
+
+
+@dataclass(frozen=True)
+class BenchmarkLayout:
+    """A benchmark's (or an ablation's) ``--out``: ``runs/split<S>/`` per split,
+    ``cache/split<S>/`` score caches, ``results.{json,csv,md}`` and ``plots/``; with several
+    unknown sets, their results under ``<unknown dataset>/`` and the runs shared."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def run(self, split: int) -> RunLayout:
+        return RunLayout(self.root / "runs" / f"split{split}")
+
+    def results(self, unknown: str | None = None) -> Path:
+        """The folder of results.json, results.csv, results.md, plots/ and cache/."""
+        return self.root if unknown is None else self.root / unknown
+
+    def cache(self, split: int, unknown: str | None = None) -> Path:
+        return self.results(unknown) / "cache" / f"split{split}"
+
+
+def training_identity(protocol: dict | None) -> dict | None:
+    """The fields of a protocol split (``ProtocolSpec.to_dict()``) that decide what a
+    classifier is trained on: everything but which unknowns it is tested on."""
+    if not isinstance(protocol, dict):
+        return protocol
+    return {k: v for k, v in protocol.items() if k not in UNKNOWN_ONLY}
+
+
+def identity_mismatch(stored: dict, wanted: dict) -> str | None:
+    """A human-readable reason why checkpoint metadata ``stored`` does not match the
+    identity ``wanted`` (keys: protocol, train, config, ...), or None when it matches.
+    Protocols are compared by their :func:`training_identity`: several unknown sets
+    share one classifier (and its proxies)."""
+    for key, value in wanted.items():
+        have = stored.get(key)
+        if key == "protocol":
+            have, value = training_identity(have), training_identity(value)
+        if isinstance(value, dict) and isinstance(have, dict):
+            for sub in sorted(set(value) | set(have)):
+                if value.get(sub) != have.get(sub):
+                    return f"{key}.{sub} is {have.get(sub)!r} in the checkpoint but {value.get(sub)!r} was asked for"
+        elif have != value:
+            return f"{key} is {have!r} in the checkpoint but {value!r} was asked for"
+    return None
 
 
 def classifier_identity(spec: ProtocolSpec, config: TrainConfig) -> dict:
-    """What must match for a stored classifier to be reused: protocol split, model,
-    training recipe and seed."""
+    """What must match for a stored classifier to be reused: what trains it (the known
+    data of the protocol split, the model, training recipe and seed)."""
     return {"protocol": spec.to_dict(), "train": config.to_dict()}
 
 

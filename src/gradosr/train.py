@@ -1,4 +1,4 @@
-"""Closed-set training of a classifier on the known classes (DESIGN.md §8 defaults).
+"""Closed-set training of a classifier on the known classes (docs/design.md, "Training defaults").
 
 Deterministic on CPU: the model is initialised from ``seed``; each epoch's shuffling,
 augmentation and dropout draw from generators seeded by (seed, epoch), so a run resumed
@@ -97,7 +97,7 @@ class TrainConfig:
 
 
 def default_train_config(dataset: str, **overrides) -> TrainConfig:
-    """The DESIGN.md §8 recipe for ``dataset``; ``overrides`` that are not None win.
+    """The recipe of docs/design.md ("Training defaults") for ``dataset``; ``overrides`` that are not None win.
 
     28×28 data: lenet, Adam lr 1e-3, batch 128, 15 epochs (mnist-sample) or 10, no
     augmentation. 32×32 data: cnn32, SGD momentum 0.9, lr 0.1 cosine, weight decay
@@ -359,6 +359,8 @@ def _save_state(out_dir: Path, clf: Classifier, opt: torch.optim.Optimizer) -> N
 def _load_resume_state(out_dir: Path, model: nn.Module, opt, identity: dict, device) -> tuple[int, list]:
     if not (out_dir / "model.json").is_file():
         return 0, []
+    from gradosr.runs import identity_mismatch
+
     clf = Classifier.load(out_dir, model=model, device=device)
     reason = identity_mismatch(clf.meta, identity)
     if reason:
@@ -375,17 +377,3 @@ def _load_resume_state(out_dir: Path, model: nn.Module, opt, identity: dict, dev
                               f"but weights of epoch {clf.meta.get('epoch')}")
     _restore_optimizer(opt, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer"])
     return int(clf.meta["epoch"]), list(clf.meta.get("history", []))
-
-
-def identity_mismatch(stored: dict, wanted: dict) -> str | None:
-    """A human-readable reason why checkpoint metadata ``stored`` does not match the
-    identity ``wanted`` (keys: protocol, train, ...), or None when it matches."""
-    for key, value in wanted.items():
-        have = stored.get(key)
-        if isinstance(value, dict) and isinstance(have, dict):
-            for sub in sorted(set(value) | set(have)):
-                if value.get(sub) != have.get(sub):
-                    return f"{key}.{sub} is {have.get(sub)!r} in the checkpoint but {value.get(sub)!r} was asked for"
-        elif have != value:
-            return f"{key} is {have!r} in the checkpoint but {value!r} was asked for"
-    return None

@@ -7,7 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from gradosr.cli.method_flags import method_options as _method_options
 from gradosr.errors import ConfigError, GradOSRError
+from gradosr.runs import RunLayout
 
 
 def _out_folder(path: str) -> Path:
@@ -82,17 +84,17 @@ def cmd_fit(args) -> int:
     from gradosr.data.protocols import load_protocol
     from gradosr.distributed import init_distributed
     from gradosr.osr import GradientOSR, make_config
-    from gradosr.train import identity_mismatch
+    from gradosr.runs import identity_mismatch
 
     spec = _spec_from_args(args)
     config = _train_config_from_args(args, spec.dataset)
     options = _method_options(args)
-    method = make_config(args.preset, **options)
+    method = make_config(args.preset, seed=args.seed, **options)
     out = _out_folder(args.out)
     if (out / "osr.json").is_file():
         stored = read_json(out / "osr.json")
         if identity_mismatch(stored, {"config": method.to_dict(), "train": config.to_dict()}) is None:
-            print(f"{out} already holds this fitted method; nothing to do (gradosr evaluate --run {out})")
+            print(f"{out} already holds this fitted method; nothing to do (gradosr evaluate {out})")
             return 0
     device = init_distributed(args.device)
     data = load_protocol(spec, args.data_dir)
@@ -112,23 +114,15 @@ def cmd_fit(args) -> int:
     return 0
 
 
-def _method_options(args) -> dict:
-    keys = ("target", "n_ones", "output", "log", "standardize", "detector_data", "proxy_unknown",
-            "proxy_ensemble", "projection_inputs", "threshold_rule", "threshold", "target_tpr", "hidden", "gradient_rep", "k",
-            "projection_dim", "combine", "gradient_metric")
-    options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    for key in ("signals", "logit_inputs"):
-        if getattr(args, key, None) is not None:
-            options[key] = tuple(x.strip() for x in getattr(args, key).split(",") if x.strip())
-    return options
-
-
 def cmd_predict(args) -> int:
     from gradosr.distributed import init_distributed
     from gradosr.images import read_image
     from gradosr.osr import GradientOSR
 
-    osr = GradientOSR.load(args.run, device=init_distributed(args.device))
+    run, files = _run_folder(args, args.paths)
+    if not files:
+        raise ConfigError("predict needs image files after the run folder: gradosr predict RUN FILE [FILE ...]")
+    osr = GradientOSR.load(run, device=init_distributed(args.device))
     clf = osr.classifier_
     failed = 0
     ok: list[tuple[str, object]] = []
@@ -148,7 +142,7 @@ def cmd_predict(args) -> int:
             print(f"{path}\t{text}\t{score:.6f}", flush=True)
         ok.clear()
 
-    for path in args.files:
+    for path in files:
         try:
             ok.append((path, clf.inputs(read_image(path, clf.preprocessing))))
         except GradOSRError as exc:
@@ -175,10 +169,10 @@ def _train_overrides(args) -> dict:
 
 
 def cmd_benchmark(args) -> int:
-    from gradosr.bench import BenchmarkSettings, run_benchmark
+    from gradosr.evaluation.benchmark import BenchmarkSettings, run_benchmark
     from gradosr.data.protocols import parse_index_list
     from gradosr.distributed import init_distributed
-    from gradosr.evaluation import format_table
+    from gradosr.evaluation.tables import format_table
 
     if args.split is not None or args.split_seed is not None:
         raise ConfigError("benchmark takes --splits (e.g. 0-4), not --split/--split-seed")
@@ -190,13 +184,18 @@ def cmd_benchmark(args) -> int:
         seed=args.seed, preset=args.preset, method_options=_method_options(args), data_dir=args.data_dir,
         device=init_distributed(args.device), progress=not args.no_progress, command=_command_line(args))
     doc = run_benchmark(settings)
-    print(format_table(doc["summary"]))
-    print(f"results written to {settings.out}/results.json, results.md, results.csv and plots/")
+    docs = doc if len(settings.unknown_sets()) > 1 else {None: doc}
+    for unknown, d in docs.items():
+        if unknown is not None:
+            print(f"unknown set {unknown}:")
+        print(format_table(d["summary"]))
+        print(f"results written to {settings.layout.results(unknown)}/results.json, results.md, results.csv "
+              "and plots/")
     return 0
 
 
 def cmd_ablate(args) -> int:
-    from gradosr.ablation import AblationSettings, run_ablation, select_variants
+    from gradosr.evaluation.ablation import AblationSettings, run_ablation, select_variants
     from gradosr.data.protocols import parse_index_list
     from gradosr.distributed import init_distributed
 
@@ -215,17 +214,31 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def _run_folder(args, extra: list[str] | None = None) -> tuple[Path, list[str]]:
+    """The run folder (positional, or --run/--run-dir) and the remaining positional paths."""
+    paths = list(extra or [])
+    if args.run_option is not None:
+        return Path(args.run_option), paths
+    if getattr(args, "run", None) is not None:
+        return Path(args.run), paths
+    if paths:
+        return Path(paths[0]), paths[1:]
+    raise ConfigError(f"{args.command} needs the run folder: gradosr {args.command} RUN")
+
+
 def cmd_evaluate(args) -> int:
     from gradosr.distributed import init_distributed
-    from gradosr.evaluate import evaluate_run
-    from gradosr.evaluation import format_table, results_document
+    from gradosr.evaluation.run_eval import evaluate_run
+    from gradosr.evaluation.records import results_document
+    from gradosr.evaluation.tables import format_table
     from gradosr.checkpoint import atomic_write_json
 
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
-    records, info = evaluate_run(Path(args.run), methods, data_dir=args.data_dir, device=init_distributed(args.device),
+    run, _ = _run_folder(args)
+    records, info = evaluate_run(run, methods, data_dir=args.data_dir, device=init_distributed(args.device),
                                  progress=not args.no_progress)
     doc = results_document(_command_line(args), records, info)
-    out = Path(args.json) if args.json else Path(args.run) / "eval.json"
+    out = Path(args.json) if args.json else RunLayout(run).eval_json
     atomic_write_json(out, doc)
     print(format_table(doc["summary"]))
     print(f"results written to {out}")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from gradosr.cli.method_flags import add_method_flags
+
 
 def _add_protocol_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("protocol (DESIGN.md §8)")
+    g = p.add_argument_group("protocol (docs/design.md, Protocols)")
     g.add_argument("--protocol", default="mnist-sample",
                    help="mnist-sample (default), fashion-mnist, mnist, svhn, cifar10, cifar+10, cifar+50, "
                         "tiny-imagenet, custom or cross")
@@ -16,7 +18,7 @@ def _add_protocol_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--known", default=None, help="known class ids of --protocol custom, e.g. 0,2,4,6")
     g.add_argument("--unknown", default=None, help="unknown class ids of --protocol custom, e.g. 1,3")
     g.add_argument("--known-dataset", default=None, help="--protocol cross: every class of it is known")
-    g.add_argument("--unknown-dataset", default=None, help="--protocol cross: unknowns are sampled from its test set")
+    g.add_argument("--unknown-dataset", default=None, help="--protocol cross: unknowns are sampled from its test set (benchmark: a comma-separated list scores several unknown sets on one classifier)")
     g.add_argument("--data-dir", default=None, help="data root (default: $GRADOSR_DATA or ./data)")
 
 
@@ -27,7 +29,7 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("closed-set training (defaults per dataset, DESIGN.md §8)")
+    g = p.add_argument_group("closed-set training (defaults per dataset, docs/design.md)")
     g.add_argument("--model", default=None, help="lenet, cnn32 or resnet18")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
@@ -36,50 +38,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=None)
     g.add_argument("--image-size", type=int, default=None,
                    help="model input side (default 28 for lenet on 28×28 data, else 32; e.g. 64 for TinyImageNet)")
-    g.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="training seed, also the method's seed (detector, projections; default 0)")
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("method options (default: the preset's)")
-    g.add_argument("--preset", default="plus",
-                   help="plus (default: kNN in gradient space + kNN on features + max logit, docs/ablation.md) "
-                        "or paper (Lee & AlRegib's proxy-split MLP as stated)")
-    g.add_argument("--target", choices=("confounding", "predicted", "uniform"), default=None)
-    g.add_argument("--n-ones", type=int, default=None, help="ones in the confounding label (default N; 0 or 2..N)")
-    g.add_argument("--output", choices=("softmax", "sigmoid"), default=None, help="activation of the confounding loss")
-    g.add_argument("--no-log", dest="log", action="store_false", default=None, help="do not log the squared norms")
-    g.add_argument("--standardize", choices=("train", "own", "none"), default=None)
-    g.add_argument("--detector-data", choices=("train", "heldout"), default=None,
-                   help="proxy-known images for the detector: the proxy's training images (paper) or held-out ones")
-    g.add_argument("--proxy-unknown", type=int, default=None, help="number of proxy-unknown classes (default round(K/3))")
-    g.add_argument("--proxy-ensemble", type=int, default=None,
-                   help="paper: number of proxy splits, one detector each, P(known) averaged (default 1)")
-    g.add_argument("--projection-inputs", type=int, default=None,
-                   help="paper: per-side dimension of projected full gradients of the layers below the head "
-                        "appended to the detector inputs (default 0: none)")
-    g.add_argument("--logit-inputs", default=None,
-                   help="paper: comma-separated logit statistics appended to the detector inputs, among max_logit, "
-                        "logsumexp, max_softmax (default none)")
-    g.add_argument("--threshold-rule", choices=("fixed", "tpr"), default=None)
-    g.add_argument("--threshold", type=float, default=None, help="fixed P(known) threshold (paper: 0.95)")
-    g.add_argument("--target-tpr", type=float, default=None, help="fraction of held-out knowns accepted (rule tpr)")
-    g.add_argument("--hidden", type=int, default=None, help="detector hidden width (default 128)")
-    g.add_argument("--signals", default=None,
-                   help="plus: comma-separated signals summed by the fused detector, among gradient, features, "
-                        "max_logit, gradnorm, gradorth (default gradient,features,max_logit)")
-    g.add_argument("--gradient-rep", choices=("head", "norms", "projection"), default=None,
-                   help="plus: gradient representation of the kNN-in-gradient-space signal: the full head-weight "
-                        "gradient (default), the log per-parameter squared norms, or a random projection of the "
-                        "full gradient of every Linear/Conv weight")
-    g.add_argument("--projection-dim", type=int, default=None,
-                   help="plus, --gradient-rep projection: projected size per side of each layer (default 16)")
-    g.add_argument("--k", type=int, default=None, help="plus: the largest k of the kNN signals (default 50)")
-    g.add_argument("--gradient-metric", choices=("knn", "mahalanobis"), default=None,
-                   help="plus, --gradient-rep norms|projection: cosine/Euclidean kNN (default) or the Mahalanobis "
-                        "distance to the nearest class mean of the known training gradients")
-    g.add_argument("--combine", choices=("sum", "fisher"), default=None,
-                   help="plus: how the signals are combined: the sum of their z-scores on held-out knowns, or "
-                        "Fisher's combination of their empirical p-values")
+    from gradosr.methods.config import DEFAULT_PRESET, PRESETS
+
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
+                   help=f"{DEFAULT_PRESET} (default: kNN in gradient space + kNN on features + max logit, "
+                        "docs/ablation.md) or paper (Lee & AlRegib's proxy-split MLP as stated)")
+    add_method_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (classifier/, proxy/, detector/, osr.json)")
 
     p = sub.add_parser("predict", help="label image files with a fitted run: path, label or unknown, score")
-    p.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run folder from gradosr fit (--run-dir under torchrun, whose parser takes --run for --run-path)")
-    p.add_argument("files", nargs="+", help="image files (PNG, JPEG, ... read with Pillow)")
+    p.add_argument("paths", nargs="+", metavar="RUN FILE",
+                   help="the run folder from gradosr fit, then image files (PNG, JPEG, ... read with Pillow)")
+    _add_run_option(p)
     p.add_argument("--batch-size", type=int, default=64)
     _add_common_args(p)
 
@@ -136,14 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_args(p)
 
     p = sub.add_parser("evaluate", help="evaluate the methods of a run on its protocol's test set")
-    p.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run folder (from gradosr train or fit); --run-dir under torchrun, whose parser takes --run "
-                        "for its --run-path")
+    p.add_argument("run", nargs="?", default=None, help="run folder (from gradosr train or fit)")
+    _add_run_option(p)
     p.add_argument("--methods", default=None, help="comma-separated method ids, or all (default: the run's fitted presets and msp)")
     p.add_argument("--json", default=None, help="write the results JSON here (default <run>/eval.json)")
     p.add_argument("--data-dir", default=None)
     _add_common_args(p)
     return parser
+
+
+def _add_run_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", "--run-dir", dest="run_option", default=None,
+                   help="the run folder as an option (the positional RUN collides with nothing, also under "
+                        "torchrun, whose own parser would take --run for --run-path)")
 
 
 def _version() -> str:

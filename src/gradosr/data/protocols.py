@@ -17,7 +17,7 @@ Protocols:
   set is smaller, the known test set is subsampled). Its "splits" are seeds.
 
 Per split, a stratified 20% of the known training images (seed = the split's seed) is
-held out as validation data (DESIGN.md §8).
+held out as validation data (docs/design.md, "Protocols").
 """
 
 from __future__ import annotations

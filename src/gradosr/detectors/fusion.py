@@ -63,6 +63,7 @@ from gradosr.detectors.mahalanobis import Mahalanobis
 from gradosr.detectors.mls import MLS
 from gradosr.detectors.registry import METHODS, register
 from gradosr.errors import CheckpointError, ConfigError, NotFittedError
+from gradosr.options import option
 
 SIGNALS = ("gradient", "features", "max_logit", "gradnorm", "gradorth")
 GRADIENT_REPS = ("head", "norms", "projection")
@@ -77,12 +78,20 @@ class FusionConfig:
     the kNN signals and the per-side dimension of the projected gradients
     (``gradient_rep="projection"``)."""
 
-    signals: tuple[str, ...] = ("gradient", "features", "max_logit")
-    gradient_rep: str = "head"
-    k: int = 50
-    projection_dim: int = 16
-    combine: str = "sum"
-    gradient_metric: str = "knn"
+    signals: tuple[str, ...] = option(("gradient", "features", "max_logit"), choices=SIGNALS,
+                                      help="plus: comma-separated signals of the fused detector")
+    gradient_rep: str = option("head", choices=GRADIENT_REPS,
+                               help="plus: gradient representation of the gradient signal: the full head-weight "
+                                    "gradient, the log per-parameter squared norms, or a random projection of the "
+                                    "full gradient of every Linear/Conv weight")
+    k: int = option(50, help="plus: the largest k of the kNN signals")
+    projection_dim: int = option(16, help="plus, gradient_rep projection: projected size per side of each layer")
+    combine: str = option("sum", choices=COMBINES,
+                          help="plus: the sum of the signals' z-scores on held-out knowns, or Fisher's combination "
+                               "of their empirical p-values")
+    gradient_metric: str = option("knn", choices=GRADIENT_METRICS,
+                                  help="plus, gradient_rep norms|projection: kNN, or the Mahalanobis distance to the "
+                                       "nearest class mean of the known training gradients")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "signals", tuple(self.signals))

@@ -10,7 +10,7 @@ every parameter tensor θ_p of the network, the squared L2 norm of its gradient:
 Orientation: with all N ones the logit gradient is dJ/dz = N p - 1 = N (p - 1/N), which
 vanishes for a uniform output and grows with confidence, so larger = more likely known
 and the score is +Σ (the 2020 paper reads large gradients as uncertainty; with this
-softmax/all-ones choice the magnitude is larger for confident inputs, DESIGN.md §2).
+softmax/all-ones choice the magnitude is larger for confident inputs, docs/design.md, "The method").
 
 Computed with the per-sample gradient engine (:func:`gradosr.gradients.squared_norms`,
 target "confounding", n_ones = N, output "softmax", all parameters), in batches of

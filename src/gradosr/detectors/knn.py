@@ -13,7 +13,7 @@ similarity to the k-th neighbour. A zero feature vector stays zero after normali
 (the epsilon): its distance to every unit training feature is 1, never NaN.
 
 k = min(50, size of the smallest training class): the paper's k = 50 for CIFAR-10,
-reduced when some known class has fewer than 50 training samples (DESIGN.md §5); the
+reduced when some known class has fewer than 50 training samples (docs/design.md, "Architecture"); the
 k actually used is recorded in ``params["k"]``. No training-set subsampling.
 
 Brute force, exact, in float64: per chunk of queries, the k nearest are selected with

@@ -3,7 +3,7 @@ Representations", ICIP 2021 (§3.2): a binary classifier of two fully-connected 
 on gradient-based representations, trained on known classes only (proxy knowns vs proxy
 unknowns).
 
-Defaults (DESIGN.md §8): hidden width 128, ReLU; binary cross-entropy with class
+Defaults (docs/design.md, "Training defaults"): hidden width 128, ReLU; binary cross-entropy with class
 weights that balance known and unknown; Adam lr 1e-3, weight decay 1e-4, batch 128, at
 most 100 epochs; early stopping with patience 10 on a stratified 20% validation part
 (the best validation loss's weights are kept). Seeded: same data and seed give the same
@@ -23,20 +23,21 @@ from gradosr.detectors.base import Scorer
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.registry import register
 from gradosr.errors import CheckpointError, ConfigError, DataError
+from gradosr.options import option
 
 
 @dataclass(frozen=True)
 class DetectorConfig:
     """Hyperparameters of :class:`MLPDetector` (recorded in ``detector.json``)."""
 
-    hidden: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 128
-    max_epochs: int = 100
-    patience: int = 10
-    val_fraction: float = 0.2
-    seed: int = 0
+    hidden: int = option(128, help="detector hidden width")
+    lr: float = option(1e-3, help="detector Adam learning rate")
+    weight_decay: float = option(1e-4, help="detector weight decay")
+    batch_size: int = option(128, help="detector training batch size")
+    max_epochs: int = option(100, help="detector epochs at most")
+    patience: int = option(10, help="early-stopping patience (epochs)")
+    val_fraction: float = option(0.2, help="share of the detector data held out for early stopping")
+    seed: int = option(0, help="detector seed (set by the method's seed)", cli=False)
 
     def __post_init__(self) -> None:
         if self.hidden < 1 or self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:

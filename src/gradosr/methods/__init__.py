@@ -10,7 +10,7 @@
 - :mod:`~gradosr.methods.persistence`: the run folder's method files.
 """
 
-from gradosr.methods import fused, proxy  # noqa: F401  (register the strategies)
+from gradosr.methods import fused, proxy  # noqa: F401  (importing them registers the strategies)
 from gradosr.methods.base import STRATEGIES, FitContext, FitData
 from gradosr.methods.config import DEFAULT_PRESET, PRESETS, OSRConfig, config_options, make_config
 from gradosr.methods.proxy_store import ProxyStore

@@ -3,8 +3,11 @@
 
 Option names are the fields of :class:`OSRConfig` and of its sections, in
 scikit-learn's nested style: ``representation__target``, ``detector__hidden``,
-``fusion__k``. A flat name (``target``, ``hidden``, ``k``) reaches the first section
-that has the field, in the order representation, detector, fusion, then OSRConfig.
+``fusion__k``, ``extraction__batch_size``. A flat name (``target``, ``hidden``, ``k``)
+is accepted where exactly one section has the field; an ambiguous one (``batch_size``:
+the detector's or the extraction's) is refused, naming its candidates. Every field
+carries its help text and choices (:func:`gradosr.options.option`), from which the
+command line generates its flags.
 :func:`config_options` is the inverse: the options that turn a preset into a config.
 """
 
@@ -16,6 +19,7 @@ from gradosr.detectors.fusion import FusionConfig
 from gradosr.detectors.mlp import DetectorConfig
 from gradosr.detectors.registry import register_preset
 from gradosr.errors import CheckpointError, ConfigError
+from gradosr.options import option
 from gradosr.representation import RepresentationConfig
 
 STANDARDIZE = ("train", "own", "none")
@@ -26,13 +30,24 @@ LOGIT_INPUTS = ("max_logit", "logsumexp", "max_softmax")
 
 
 @dataclass(frozen=True)
+class ExtractionConfig:
+    """How gradients and outputs are computed (no effect on results)."""
+
+    batch_size: int = option(256, help="gradient-extraction batch size (no effect on results)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            raise ConfigError(f"the extraction batch size must be a positive integer, got {self.batch_size!r}")
+
+
+@dataclass(frozen=True)
 class OSRConfig:
-    """Every option of the method (DESIGN.md §2, §8).
+    """Every option of the method (docs/design.md, "The method").
 
     Attributes:
         method: ``proxy`` (the paper: an MLP trained on a proxy classifier's gradient
             representations) or ``fusion`` (the ``plus`` preset: one-class signals of
-            the final classifier, :class:`gradosr.detectors.fusion.FusionDetector`).
+            the final classifier, :class:`gradosr.detectors.fusion.FusedScorer`).
         representation: target, n_ones, softmax/sigmoid, parameter selection, log.
         standardize: ``train`` = mean/std of the detector's training features, applied
             to every input; ``own`` = each classifier's features standardised by its own
@@ -62,24 +77,31 @@ class OSRConfig:
         threshold, target_tpr: see ``threshold_rule``.
         detector: the MLP detector's hyperparameters (``proxy``).
         fusion: the fused detector's signals, gradient representation and k (``fusion``).
-        batch_size: gradient-extraction batch size (no effect on results).
+        extraction: the gradient-extraction batch size (no effect on results).
     """
 
-    preset: str = "paper"
-    method: str = "proxy"
+    preset: str = option("paper", help="the preset this config derives from", cli=False)
+    method: str = option("proxy", help="the method strategy", choices=METHODS, cli=False)
     representation: RepresentationConfig = field(default_factory=RepresentationConfig)
-    standardize: str = "train"
-    detector_data: str = "train"
-    proxy_unknown: int | None = None
-    proxy_ensemble: int = 1
-    projection_inputs: int = 0
-    logit_inputs: tuple[str, ...] = ()
-    threshold_rule: str = "fixed"
-    threshold: float = 0.95
-    target_tpr: float = 0.95
+    standardize: str = option("train", choices=STANDARDIZE, help="paper: standardisation of the detector inputs")
+    detector_data: str = option("train", choices=DETECTOR_DATA,
+                                help="paper: proxy-known images for the detector: the proxy's training images "
+                                     "(the paper) or held-out ones")
+    proxy_unknown: int | None = option(None, kind="int",
+                                       help="paper: number of proxy-unknown classes (default round(K/3))")
+    proxy_ensemble: int = option(1, help="paper: number of proxy splits, one detector each, P(known) averaged")
+    projection_inputs: int = option(0, help="paper: per-side dimension of projected full gradients of the layers "
+                                            "below the head appended to the detector inputs (0: none)")
+    logit_inputs: tuple[str, ...] = option((), choices=LOGIT_INPUTS,
+                                           help="paper: comma-separated logit statistics appended to the detector "
+                                                "inputs")
+    threshold_rule: str = option("fixed", choices=THRESHOLD_RULES,
+                                 help="fixed P(known) threshold, or the one accepting --target-tpr of held-out knowns")
+    threshold: float = option(0.95, help="fixed P(known) threshold (paper: 0.95)")
+    target_tpr: float = option(0.95, help="fraction of held-out knowns accepted (threshold rule tpr)")
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    batch_size: int = 256
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -116,12 +138,17 @@ class OSRConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "OSRConfig":
+        """The config of ``to_dict`` (also of files written before a section existed:
+        ``fusion`` is absent in gradosr <= 0.1, ``extraction`` was a top-level
+        ``batch_size``)."""
         try:
-            rep = RepresentationConfig(**d["representation"])
-            det = DetectorConfig(**d["detector"])
-            fus = FusionConfig(**d.get("fusion", {}))  # absent in files of gradosr <= 0.1
-            rest = {k: v for k, v in d.items() if k not in ("representation", "detector", "fusion")}
-            return cls(representation=rep, detector=det, fusion=fus, **rest)
+            d = dict(d)
+            extraction = d.pop("extraction", {"batch_size": d.pop("batch_size", 256)})
+            d.pop("batch_size", None)
+            sections = {"representation": RepresentationConfig(**d.pop("representation")),
+                        "detector": DetectorConfig(**d.pop("detector")),
+                        "fusion": FusionConfig(**d.pop("fusion", {})), "extraction": ExtractionConfig(**extraction)}
+            return cls(**sections, **d)
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"invalid method config {d!r}: {exc}") from None
 
@@ -134,38 +161,56 @@ PRESETS: dict[str, OSRConfig] = {
 #: the preset of ``gradosr fit``/``evaluate``/``benchmark`` and of the demo
 DEFAULT_PRESET = "plus"
 
-#: the sections of OSRConfig, in the order flat option names are looked up
-SECTIONS = {"representation": RepresentationConfig, "detector": DetectorConfig, "fusion": FusionConfig}
+#: the sections of OSRConfig (nested option names ``<section>__<field>``)
+SECTIONS = {"representation": RepresentationConfig, "detector": DetectorConfig, "fusion": FusionConfig,
+            "extraction": ExtractionConfig}
+
+
+def option_fields() -> list[tuple[str, object]]:
+    """(nested name, dataclass field) of every option: OSRConfig's own fields by their
+    name, every section's as ``<section>__<field>``."""
+    out = []
+    for f in fields(OSRConfig):
+        if f.name in SECTIONS:
+            out += [(f"{f.name}__{g.name}", g) for g in fields(SECTIONS[f.name])]
+        else:
+            out.append((f.name, f))
+    return out
 
 
 def _route(name: str) -> tuple[str | None, str]:
-    """(section or None for OSRConfig itself, field) of an option name."""
+    """(section or None for OSRConfig itself, field) of an option name: a nested name,
+    or a flat one that exactly one section (or OSRConfig) has."""
     if "__" in name:
         section, key = name.split("__", 1)
         if section not in SECTIONS or key not in SECTIONS[section].__dataclass_fields__:
             raise ConfigError(f"unknown option {name!r}")
         return section, key
-    for section, cls in SECTIONS.items():
-        if name in cls.__dataclass_fields__:
-            return section, name
+    hits = [(s, name) for s, cls in SECTIONS.items() if name in cls.__dataclass_fields__]
     if name in OSRConfig.__dataclass_fields__ and name not in SECTIONS and name != "preset":
-        return None, name
-    raise ConfigError(f"unknown options [{name!r}]")
+        hits.append((None, name))
+    if len(hits) > 1:
+        names = [k if s is None else f"{s}__{k}" for s, k in hits]
+        raise ConfigError(f"option {name!r} is ambiguous: use one of {', '.join(names)}")
+    if not hits:
+        raise ConfigError(f"unknown options [{name!r}]")
+    return hits[0]
 
 
-def make_config(preset: str = "paper", seed: int | None = None, **options) -> OSRConfig:
+def make_config(preset: str = DEFAULT_PRESET, seed: int | None = None, **options) -> OSRConfig:
     """The preset's config with ``options`` (None = keep) applied; names as in the
-    module docstring. ``seed`` sets the detector seed."""
+    module docstring. ``seed`` (the method's seed) sets the detector seed unless
+    ``detector__seed`` is given."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
     cfg = PRESETS[preset]
     changes: dict[str | None, dict] = {None: {}, **{s: {} for s in SECTIONS}}
+    if seed is not None:
+        changes["detector"]["seed"] = seed
     for name, value in options.items():
         if value is not None:
             section, key = _route(name)
             changes[section][key] = value
-    if seed is not None:
-        changes["detector"]["seed"] = seed
     sections = {s: replace(getattr(cfg, s), **changes[s]) for s in SECTIONS}
     return replace(cfg, **sections, **changes[None])
 

@@ -34,17 +34,17 @@ def gradient_features(model: nn.Module, x: torch.Tensor, config, param_names: li
     ``config`` (an OSRConfig) of the same model: float64 N×(P + R + L). The projection
     matrices are drawn from ``seed``."""
     rep = replace(config.representation, params=tuple(param_names))
-    r, _ = extract(model, x, rep, config.batch_size, progress, desc)
+    r, _ = extract(model, x, rep, config.extraction.batch_size, progress, desc)
     parts = [transform(r, rep.log)]
     if config.projection_inputs:
         from gradosr.gradients.projection import projected_gradients
 
         keep = projection_columns(model, config.projection_inputs)
         pg = projected_gradients(model, x, config.projection_inputs, rep.target, rep.n_ones, rep.output,
-                                 seed=seed, batch_size=config.batch_size)
+                                 seed=seed, batch_size=config.extraction.batch_size)
         parts.append(pg[:, keep])
     if config.logit_inputs:
-        z = batched_outputs(model, x, config.batch_size)[0].to(torch.float64)
+        z = batched_outputs(model, x, config.extraction.batch_size)[0].to(torch.float64)
         parts.append(logit_statistics(z, config.logit_inputs))
     return torch.cat(parts, dim=1)
 

@@ -17,7 +17,6 @@ Layouts: 2 (this one) names tensors by component (``members.<i>.detector.*``,
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,6 +29,7 @@ from gradosr.detectors.knn import KNN
 from gradosr.errors import CheckpointError
 from gradosr.methods.base import STRATEGIES
 from gradosr.methods.config import OSRConfig, config_options
+from gradosr.runs import RunLayout
 from gradosr.train import TrainConfig
 
 OSR_FORMAT = "gradosr.osr"
@@ -41,13 +41,13 @@ REFIT = "refit it with gradosr fit (or GradientOSR.fit and save)"
 def save(osr, directory: str | os.PathLike) -> None:
     """Write a fitted GradientOSR into ``directory`` (osr.json last)."""
     osr.check_fitted()
-    directory = Path(directory)
-    osr.classifier_.save(directory / "classifier")
-    for name, proxy in osr.method_.proxies():
-        proxy.save(directory / name)
+    run = RunLayout(directory)
+    osr.classifier_.save(run.classifier)
+    for index, proxy in osr.method_.proxies():
+        proxy.save(run.proxy(index))
     tensors, meta = osr.method_.state()
-    save_tensors(directory / "detector", "detector", tensors, meta, DETECTOR_FORMAT)
-    atomic_write_json(directory / "osr.json", {
+    save_tensors(run.detector, "detector", tensors, meta, DETECTOR_FORMAT)
+    atomic_write_json(run.osr_json, {
         "format": OSR_FORMAT, "format_version": FORMAT_VERSION, "layout": LAYOUT,
         "config": osr.config_.to_dict(), "threshold": osr.threshold_, "threshold_rule": osr.config_.threshold_rule,
         "train": osr.train_config_.to_dict() if osr.train_config_ else None, "seed": osr.seed,
@@ -58,7 +58,8 @@ def load(cls, directory: str | os.PathLike, model: nn.Module | None = None, devi
     """The GradientOSR (class ``cls``) that :func:`save` wrote; ``model``: an instance of
     a custom architecture."""
     directory = check_folder(directory, "a run folder (osr.json, classifier/, detector/)")
-    meta = read_json(directory / "osr.json")
+    run = RunLayout(directory)
+    meta = read_json(run.osr_json)
     if meta.get("format") != OSR_FORMAT:
         raise CheckpointError(f"{directory}/osr.json is not a gradosr method file")
     if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION \
@@ -66,8 +67,8 @@ def load(cls, directory: str | os.PathLike, model: nn.Module | None = None, devi
         raise CheckpointError(f"{directory} was written by a newer gradosr (format version "
                               f"{meta.get('format_version')}); upgrade gradosr to read it")
     config = OSRConfig.from_dict(meta["config"])
-    clf = Classifier.load(directory / "classifier", model=model, device=device)
-    tensors, dmeta = load_tensors(directory / "detector", "detector", DETECTOR_FORMAT)
+    clf = Classifier.load(run.classifier, model=model, device=device)
+    tensors, dmeta = load_tensors(run.detector, "detector", DETECTOR_FORMAT)
     try:
         if meta.get("layout", 1) == 1:
             tensors, dmeta = upgrade_layout1(tensors, dmeta, meta, config)

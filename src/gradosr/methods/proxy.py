@@ -28,7 +28,6 @@ from gradosr.gradients import select_parameters
 from gradosr.gradients.targets import check_n_ones
 from gradosr.methods.base import FitContext, FitData, register_strategy
 from gradosr.methods.detector_inputs import gradient_features, projection_columns
-from gradosr.methods.proxy_store import proxy_folder_name
 from gradosr.methods.splits import proxy_splits
 from gradosr.representation import Standardizer, check_params_exist
 
@@ -116,9 +115,9 @@ class ProxyMethod:
         r = self.raw_representations(classifier, x)
         return np.mean([m.detector.predict_proba(m.scalers["final"](r).float()) for m in self.members_], axis=0)
 
-    def proxies(self) -> list[tuple[str, Classifier]]:
-        """(run-folder entry, proxy classifier) of the members that carry one."""
-        return [(proxy_folder_name(i), m.proxy) for i, m in enumerate(self.members_) if m.proxy is not None]
+    def proxies(self) -> list[tuple[int, Classifier]]:
+        """(member index, proxy classifier) of the members that carry one."""
+        return [(i, m.proxy) for i, m in enumerate(self.members_) if m.proxy is not None]
 
     # ------------------------------------------------------------ persistence
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:

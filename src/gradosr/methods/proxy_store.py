@@ -23,12 +23,8 @@ from torch import nn
 from gradosr.classifier import Classifier
 from gradosr.errors import CheckpointError, ConfigError
 from gradosr.models import find_head, reset_parameters, resize_head
-from gradosr.train import TrainConfig, identity_mismatch, train_classifier
-
-
-def proxy_folder_name(index: int) -> str:
-    """The run-folder entry of the ``index``-th proxy split: ``proxy``, ``proxy2``, …"""
-    return "proxy" if index == 0 else f"proxy{index + 1}"
+from gradosr.runs import RunLayout, identity_mismatch
+from gradosr.train import TrainConfig, train_classifier
 
 
 class ProxyStore:
@@ -40,7 +36,7 @@ class ProxyStore:
 
     def folder(self, proxy_unknown: list[int], index: int, run_dir: Path | None) -> Path | None:
         if run_dir is not None:
-            return Path(run_dir) / proxy_folder_name(index)
+            return RunLayout(run_dir).proxy(index)
         if self.root is not None:
             return Path(self.root) / ("proxy-" + "-".join(str(c) for c in proxy_unknown))
         return None

@@ -1,9 +1,11 @@
 """``gradosr ablate``: vary one choice at a time from the ``paper`` and ``plus`` presets.
 
-Every variant is a :class:`gradosr.osr.GradientOSR` preset plus options, fitted on the
-same closed-set classifier of each split (proxy classifiers are trained once per split
-and proxy-unknown set and shared between variants), and evaluated like ``gradosr
-benchmark`` (DESIGN.md §8 metrics). Tuning discipline (docs/ablation.md): choices are
+An ablation is a benchmark whose methods are variants: every variant is a
+:class:`gradosr.osr.GradientOSR` preset plus options, fitted on the same closed-set
+classifier of each split (the split loop of :mod:`gradosr.evaluation.driver`; proxy
+classifiers are trained once per split and proxy-unknown set, in one
+:class:`gradosr.methods.ProxyStore` shared between variants), and scored like ``gradosr
+benchmark`` (:func:`gradosr.evaluation.scoring.score_split`; docs/design.md metrics). Tuning discipline (docs/ablation.md): choices are
 made on the mnist-sample splits only, never on unknown test classes of the protocols the
 results are reported on.
 
@@ -20,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from gradosr.checkpoint import atomic_write_text, atomic_write_json
+from gradosr.checkpoint import atomic_write_json, atomic_write_text
 from gradosr.errors import ConfigError
+from gradosr.evaluation.driver import ExperimentSettings, split_runs
+from gradosr.evaluation.tables import mean_std, render
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ def _params_last(k: int) -> Callable:
 
 #: variants, by family; the first of each family is its base
 VARIANTS: list[Variant] = [
-    Variant("paper", "paper", {}, "the paper as stated (DESIGN.md §2)", "Lee & AlRegib, ICIP 2021"),
+    Variant("paper", "paper", {}, "the paper as stated (docs/design.md)", "Lee & AlRegib, ICIP 2021"),
     Variant("paper-sigmoid", "paper", {"output": "sigmoid"}, "sigmoid instead of softmax outputs in the confounding loss"),
     Variant("paper-n2", "paper", {"n_ones": 2}, "confounding label with n = 2 ones (at the 2 largest logits)"),
     Variant("paper-n0", "paper", {"n_ones": 0}, "confounding label with n = 0 ones"),
@@ -114,18 +118,11 @@ VARIANT_NAMES = [v.name for v in VARIANTS]
 
 
 @dataclass
-class AblationSettings:
-    protocol: str
-    splits: list[int]
-    variants: list[str]
-    out: Path
-    protocol_args: dict = field(default_factory=dict)
-    train_overrides: dict = field(default_factory=dict)
-    seed: int = 0
-    data_dir: str | None = None
-    device: str = "cpu"
-    progress: bool = True
-    command: str = ""
+class AblationSettings(ExperimentSettings):
+    """An ablation: the splits (:class:`ExperimentSettings`) and the variant names
+    (``all``, names, or family patterns such as ``plus*``)."""
+
+    variants: list[str] = field(default_factory=lambda: ["all"])
 
 
 def select_variants(names: list[str]) -> list[Variant]:
@@ -153,21 +150,19 @@ def _options(variant: Variant, model) -> dict:
 
 def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print) -> dict:
     """Fit and evaluate every variant on every split; returns the results document."""
-    from gradosr.data.protocols import load_protocol, resolve_protocol
-    from gradosr.evaluate import test_images, test_labels
-    from gradosr.evaluation import results_record
+    from gradosr.evaluation.scoring import score_split, split_records
     from gradosr.methods import ProxyStore
     from gradosr.osr import GradientOSR
     from gradosr.progress import progress_bar
-    from gradosr.runs import ensure_classifier
-    from gradosr.train import default_train_config
 
+    if len(settings.unknown_sets()) > 1:
+        raise ConfigError("gradosr ablate takes one unknown dataset; run one ablation per unknown set")
     variants = select_variants(settings.variants)
     out = Path(settings.out)
     records: list[dict] = []
     t_start = time.time()
     previous = _previous_document(out / "results.json", settings)  # read once
-    done = _finished(previous)
+    done = _finished(previous, settings)
     names = {v.name for v in variants}
     # an ablation run on some variants keeps the other variants' records of the same protocol
     # (those whose variant has changed since are dropped)
@@ -182,29 +177,18 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
         doc["commands"] = commands
         return doc
 
-    for split in settings.splits:
-        spec = resolve_protocol(settings.protocol, split=split, **settings.protocol_args)
-        seed = spec.seed if spec.name in ("cross", "custom") else settings.seed
-        config = default_train_config(spec.dataset, **{**settings.train_overrides, "seed": seed})
-        data = load_protocol(spec, settings.data_dir)
-        clf, _ = ensure_classifier(data, config, out / "runs" / f"split{split}" / "classifier",
-                                   device=settings.device, progress=settings.progress)
-        x_test, x_val = clf.inputs(test_images(data)), clf.inputs(data.val.images)
-        y_true = test_labels(data)
-        closed = clf.logits(x_test).argmax(1).numpy()
-        proxies = ProxyStore(root=out / "runs" / f"split{split}")
-        for v in progress_bar(variants, desc=f"split {split}", disable=not settings.progress, unit="variant"):
-            if (v.name, split) in done:  # an interrupted ablation resumes where it stopped
-                records.append(done[(v.name, split)])
+    for run in split_runs(settings, bar=False):
+        spec, data, clf, config = run.specs[0], run.data[0], run.classifier, run.train_config
+        proxies = ProxyStore(root=run.run.root)
+        for v in progress_bar(variants, desc=f"split {run.split}", disable=not settings.progress, unit="variant"):
+            if (v.name, run.split) in done:  # an interrupted ablation resumes where it stopped
+                records.append(done[(v.name, run.split)])
                 continue
             t0 = time.time()
             osr = GradientOSR(v.preset, classifier=clf, train_config=config, device=settings.device,
-                              seed=config.seed, proxy_store=proxies, **_options(v, clf.model))
-            osr.fit(data)
-            rule = (f"fixed-{osr.threshold_:g}" if osr.config_.threshold_rule == "fixed"
-                    else f"tpr{osr.config_.target_tpr:g}-val")
-            rec = results_record(v.name, split, y_true, closed, osr.score_samples(x_test), osr.score_samples(x_val),
-                                 spec.num_known, osr.threshold_, rule)
+                              seed=config.seed, proxy_store=proxies, **_options(v, clf.model)).fit(data)
+            y_true, closed, scores = score_split(clf, data, [v.name], {v.name: osr})
+            (rec,) = split_records(spec, y_true, closed, scores)
             rec["seconds"] = round(time.time() - t0, 3)
             rec["config"] = osr.config_.to_dict()
             records.append(rec)
@@ -245,11 +229,12 @@ def _commands(previous: dict, settings: AblationSettings) -> list[str]:
     return [c for c in earlier if c != settings.command] + [settings.command]
 
 
-def _finished(previous: dict) -> dict:
+def _finished(previous: dict, settings: AblationSettings) -> dict:
     """Records of an earlier run's document (:func:`_previous_document`), by (variant,
-    split): reused only when the variant's config is unchanged."""
+    split): reused only when the variant's config is unchanged (with the method seed of
+    that split: the split index for ``cross`` and ``custom``, else ``settings.seed``)."""
     from gradosr.errors import CheckpointError
-    from gradosr.osr import OSRConfig, make_config
+    from gradosr.methods.config import OSRConfig, make_config
 
     found = {}
     for rec in _records(previous):
@@ -260,7 +245,8 @@ def _finished(previous: dict) -> dict:
             stored = OSRConfig.from_dict(rec.get("config") or {}).to_dict()
         except (CheckpointError, ConfigError):
             continue
-        if stored == make_config(v.preset, **v.options).to_dict():
+        seed = rec["split"] if settings.protocol in ("cross", "custom") else settings.seed
+        if stored == make_config(v.preset, seed=seed, **v.options).to_dict():
             found[(v.name, rec["split"])] = rec
     return found
 
@@ -273,7 +259,7 @@ def _merged(records: list[dict], kept: list[dict]) -> list[dict]:
 
 
 def _document(settings: AblationSettings, records: list[dict], variants: list[Variant], seconds: float) -> dict:
-    from gradosr.evaluation import results_document
+    from gradosr.evaluation.records import results_document
 
     return results_document(settings.command, records, {
         "protocol": settings.protocol, "protocol_args": settings.protocol_args,
@@ -298,20 +284,15 @@ def markdown(doc: dict) -> str:
                 *[f"- `{c}`" for c in commands]]), "",
              f"Mean ± std (population) over splits {doc.get('splits')}. ΔAUROC: against the base of the "
              "family (`paper` or `plus`) on the same classifiers. `macro-F1` at the variant's own threshold "
-             "rule, `macro-F1@TPR95` at 95% acceptance of held-out knowns.", "",
-             "| variant | change | AUROC | ΔAUROC | macro-F1@TPR95 | macro-F1 | FPR@95TPR |",
-             "|---|---|---|---|---|---|---|"]
-
-    def cell(name, metric):
-        s = summary[name][metric]
-        return f"{s['mean']:.3f} ± {s['std']:.3f}"
-
+             "rule, `macro-F1@TPR95` at 95% acceptance of held-out knowns.", ""]
+    rows = []
     for name, stats in summary.items():
         base = info.get(name, {}).get("preset", "paper")
         delta = stats["auroc"]["mean"] - summary[base]["auroc"]["mean"] if base in summary else float("nan")
         change = info.get(name, {}).get("change", "")
         cite = info.get(name, {}).get("cite", "")
-        lines.append(f"| {name} | {change}{f' ({cite})' if cite else ''} | {cell(name, 'auroc')} | "
-                     f"{'—' if name == base else f'{delta:+.3f}'} | {cell(name, 'macro_f1_tpr95')} | "
-                     f"{cell(name, 'macro_f1')} | {cell(name, 'fpr95')} |")
-    return "\n".join(lines) + "\n"
+        rows.append([name, f"{change}{f' ({cite})' if cite else ''}", mean_std(stats.get("auroc")),
+                     "—" if name == base else f"{delta:+.3f}", mean_std(stats.get("macro_f1_tpr95")),
+                     mean_std(stats.get("macro_f1")), mean_std(stats.get("fpr95"))])
+    header = ["variant", "change", "AUROC", "ΔAUROC", "macro-F1@TPR95", "macro-F1", "FPR@95TPR"]
+    return "\n".join(lines) + "\n" + render(header, rows) + "\n"

@@ -1,4 +1,5 @@
-"""Turn scores on a protocol's test set into the results records of DESIGN.md §8."""
+"""Results records (docs/design.md, "Results schema"): the metrics of one method on one
+split, their mean ± std over splits, and the results document."""
 
 from __future__ import annotations
 
@@ -77,16 +78,3 @@ def results_document(command: str, records: list[dict], extra: dict | None = Non
     """The results JSON (schema version 1)."""
     return {"schema": 1, "command": command, "versions": versions(), **(extra or {}),
             "results": records, "summary": summarise(records)}
-
-
-def format_table(summary: dict, keys: tuple[str, ...] = ("auroc", "macro_f1", "macro_f1_tpr95", "oscr", "closed_acc")) -> str:
-    """A plain-text table: one row per method, mean ± std per metric."""
-    head = f"{'method':<12}" + "".join(f"{k:>20}" for k in keys)
-    lines = [head]
-    for method, stats in summary.items():
-        cells = []
-        for k in keys:
-            s = stats.get(k)
-            cells.append(f"{s['mean']:.4f} ± {s['std']:.4f}" if s else "-")
-        lines.append(f"{method:<12}" + "".join(f"{c:>20}" for c in cells))
-    return "\n".join(lines)

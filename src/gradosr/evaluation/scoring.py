@@ -1,7 +1,7 @@
 """Score every method of one protocol split on the same classifier, and evaluate it.
 
-Shared by ``gradosr evaluate`` (one run folder) and ``gradosr benchmark`` (many splits,
-with a score cache). The test set is [known_test; unknown_test] with labels 0..K-1 and
+Shared by ``gradosr evaluate`` (one run folder), ``gradosr benchmark`` (many splits,
+with a score cache) and ``gradosr ablate`` (variants of the presets). The test set is [known_test; unknown_test] with labels 0..K-1 and
 -1; the held-out knowns (validation split) set the 95%-acceptance thresholds.
 
 In a distributed run (torchrun) the logits and features, every GradientOSR preset's and
@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from gradosr.checkpoint import check_folder
 from gradosr.classifier import Classifier
-from gradosr.data.protocols import OSRData, ProtocolSpec, load_protocol
+from gradosr.data.protocols import OSRData, ProtocolSpec
 from gradosr.detectors import ScorerInputs
 from gradosr.detectors.registry import make_scorer, method_ids
 from gradosr.distributed import map_rows
-from gradosr.errors import CheckpointError, ConfigError
-from gradosr.evaluation import results_record
+from gradosr.errors import ConfigError
+from gradosr.evaluation.records import results_record
 
 
 def test_labels(data: OSRData) -> np.ndarray:
@@ -71,7 +69,7 @@ def sharded_osr_scores(osr, x: torch.Tensor) -> np.ndarray:
     detector) runs on each process's shard, cut at multiples of the extraction batch size;
     the map_rows inside it run locally."""
     return map_rows(lambda rows: np.asarray(osr.score_samples(rows), dtype=np.float64), x,
-                    align=osr.config_.batch_size)
+                    align=osr.config_.extraction.batch_size)
 
 
 @dataclass
@@ -140,7 +138,7 @@ def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, pr
 
 def split_records(spec: ProtocolSpec, y_true: np.ndarray, closed_pred: np.ndarray,
                   scores: dict[str, SplitScores]) -> list[dict]:
-    """One results record (DESIGN.md §8) per method."""
+    """One results record (docs/design.md, "Results schema") per method."""
     split = spec.split if spec.split is not None else spec.seed
     records = []
     for method, s in scores.items():
@@ -149,62 +147,3 @@ def split_records(spec: ProtocolSpec, y_true: np.ndarray, closed_pred: np.ndarra
         rec["seconds"] = round(float(s.seconds), 3)
         records.append(rec)
     return records
-
-
-def preset_dir(run: Path, preset: str) -> Path:
-    """Where a run keeps a preset's fitted method: the run folder itself for ``paper``
-    (and for whatever ``gradosr fit --out`` wrote there), ``<run>/<preset>/`` for the
-    other presets that ``gradosr benchmark`` fits beside it."""
-    return Path(run) if preset == "paper" else Path(run) / preset
-
-
-def fitted_presets(run: Path, device="cpu") -> dict:
-    """{preset: GradientOSR} of every fitted method stored in the run folder."""
-    from gradosr.osr import PRESETS, GradientOSR
-
-    found = {}
-    if (Path(run) / "osr.json").is_file():
-        osr = GradientOSR.load(run, device=device)
-        found[osr.config_.preset] = osr
-    for preset in PRESETS:
-        folder = Path(run) / preset
-        if preset not in found and (folder / "osr.json").is_file():
-            found[preset] = GradientOSR.load(folder, device=device)
-    return found
-
-
-def evaluate_run(run: Path, methods: list[str] | None, data_dir=None, device="cpu",
-                 progress: bool = True) -> tuple[list[dict], dict]:
-    """Results records for ``methods`` on the run's protocol split (``gradosr evaluate``).
-
-    A GradientOSR preset needs ``<run>/osr.json`` from ``gradosr fit`` (or
-    ``<run>/<preset>/osr.json``, as ``gradosr benchmark`` stores presets other than
-    ``paper``); the baselines need only the classifier. Default methods: the fitted
-    presets and ``msp``. Returns (records, info) with the protocol and classifier metadata.
-    """
-
-    run = check_folder(run, "a run folder (classifier/, osr.json)")
-    clf_dir = run / "classifier"
-    if not (clf_dir / "model.json").is_file():
-        raise CheckpointError(f"{run} has no trained classifier ({clf_dir}/model.json); run gradosr train or fit first")
-    clf = Classifier.load(clf_dir, device=device)
-    if not clf.meta.get("complete"):
-        raise CheckpointError(f"{clf_dir} holds an unfinished training run; finish it with gradosr train --resume")
-    fitted = fitted_presets(run, device)
-    if methods is None:
-        methods = list(fitted) + ["msp"]
-    elif "all" in methods:
-        methods = available_methods(list(fitted))
-    from gradosr.osr import PRESETS
-
-    missing = [m for m in methods if m in PRESETS and m not in fitted]
-    if missing:
-        raise CheckpointError(f"{run} has no fitted {missing[0]} method (osr.json): run "
-                              f"gradosr fit --preset {missing[0]} --out {run} first")
-    spec = ProtocolSpec.from_dict(clf.meta["protocol"])
-    data = load_protocol(spec, data_dir)
-    y_true, closed_pred, scores = score_split(clf, data, methods, fitted, progress)
-    info = {"protocol": spec.to_dict(),
-            "classifier": {k: clf.meta.get(k) for k in ("arch", "train", "test_acc", "val_acc")},
-            "method_params": {m: s.params for m, s in scores.items()}}
-    return split_records(spec, y_true, closed_pred, scores), info

@@ -1,0 +1,94 @@
+"""The experiment driver: the per-split loop that ``gradosr benchmark`` and ``gradosr
+ablate`` share (an ablation is a benchmark whose methods are variants of the presets).
+
+Per split: the protocol split is resolved (for ``cross`` with several unknown datasets,
+one split per unknown set, all on the same known data), the training recipe is the
+dataset's default with the overrides and the split's seed (``cross`` and ``custom``:
+the split index seeds the training; the standard protocols: ``seed``), the data are
+loaded and the closed-set classifier is trained or reused from
+``<out>/runs/split<S>/classifier``. One classifier serves every unknown set: what
+trains it (:func:`gradosr.runs.training_identity`) does not include the unknowns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from gradosr.classifier import Classifier
+from gradosr.data.protocols import OSRData, ProtocolSpec, load_protocol, resolve_protocol
+from gradosr.progress import progress_bar
+from gradosr.runs import BenchmarkLayout, RunLayout, ensure_classifier
+from gradosr.train import TrainConfig, default_train_config
+
+
+@dataclass
+class ExperimentSettings:
+    """What defines the splits of an experiment.
+
+    Attributes:
+        protocol: protocol name; ``protocol_args`` holds the other resolve_protocol
+            arguments (dataset, known, unknown, known_dataset, unknown_dataset; for
+            ``cross`` a comma-separated ``unknown_dataset`` lists several unknown sets).
+        splits: standard split indices (for ``cross`` and ``custom``: seeds, which
+            also seed the training).
+        train_overrides: training options that differ from the dataset's defaults.
+        seed: training seed of the standard protocols.
+    """
+
+    protocol: str
+    splits: list[int]
+    out: Path
+    protocol_args: dict = field(default_factory=dict)
+    train_overrides: dict = field(default_factory=dict)
+    seed: int = 0
+    data_dir: str | None = None
+    device: str | torch.device = "cpu"
+    progress: bool = True
+    command: str = ""
+
+    @property
+    def layout(self) -> BenchmarkLayout:
+        return BenchmarkLayout(Path(self.out))
+
+    def unknown_sets(self) -> list[str | None]:
+        """The unknown datasets of a ``cross`` protocol (None: the protocol's own unknowns)."""
+        names = self.protocol_args.get("unknown_dataset")
+        if self.protocol != "cross" or not names:
+            return [None]
+        return [u.strip() for u in str(names).split(",") if u.strip()]
+
+
+@dataclass
+class SplitRun:
+    """One split, ready for its methods: a protocol split and its data per unknown set
+    (``unknowns[i]`` names the set of ``specs[i]``, None for a single one), the training
+    recipe, the trained classifier and the split's run folder."""
+
+    split: int
+    unknowns: list[str | None]
+    specs: list[ProtocolSpec]
+    data: list[OSRData]
+    train_config: TrainConfig
+    classifier: Classifier
+    run: RunLayout
+
+
+def split_runs(settings: ExperimentSettings, bar: bool = True) -> Iterator[SplitRun]:
+    """The splits of ``settings``, one after another (a progress bar over splits with ``bar``)."""
+    sets = settings.unknown_sets()
+    for split in progress_bar(settings.splits, desc="splits", disable=not (bar and settings.progress), unit="split"):
+        specs = [resolve_protocol(settings.protocol, split=split,
+                                  **({**settings.protocol_args, "unknown_dataset": u} if u else settings.protocol_args))
+                 for u in sets]
+        spec = specs[0]
+        seed = spec.seed if spec.name in ("cross", "custom") else settings.seed
+        config = default_train_config(spec.dataset, **{**settings.train_overrides, "seed": seed})
+        data = [load_protocol(s, settings.data_dir) for s in specs]
+        run = settings.layout.run(split)
+        clf, _ = ensure_classifier(data[0], config, run.classifier, device=settings.device,
+                                   progress=settings.progress)
+        yield SplitRun(split, sets if len(sets) > 1 else [None], specs, data, config, clf, run)

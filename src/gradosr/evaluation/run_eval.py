@@ -1,0 +1,64 @@
+"""``gradosr evaluate``: every fitted preset of a run folder (and any baseline) on the
+run's protocol split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gradosr.checkpoint import check_folder
+from gradosr.classifier import Classifier
+from gradosr.data.protocols import ProtocolSpec, load_protocol
+from gradosr.detectors.registry import method_ids
+from gradosr.errors import CheckpointError
+from gradosr.evaluation.scoring import available_methods, score_split, split_records
+from gradosr.runs import RunLayout
+
+
+def fitted_presets(run: Path, device="cpu") -> dict:
+    """{preset: GradientOSR} of every fitted method stored in the run folder."""
+    from gradosr.osr import GradientOSR
+
+    layout, found = RunLayout(run), {}
+    if layout.is_fitted():
+        osr = GradientOSR.load(layout.root, device=device)
+        found[osr.config_.preset] = osr
+    for preset in method_ids("preset"):
+        folder = RunLayout(layout.root / preset)
+        if preset not in found and folder.is_fitted():
+            found[preset] = GradientOSR.load(folder.root, device=device)
+    return found
+
+
+def evaluate_run(run: Path, methods: list[str] | None, data_dir=None, device="cpu",
+                 progress: bool = True) -> tuple[list[dict], dict]:
+    """Results records for ``methods`` on the run's protocol split (``gradosr evaluate``).
+
+    A GradientOSR preset needs ``<run>/osr.json`` from ``gradosr fit`` (or
+    ``<run>/<preset>/osr.json``, as ``gradosr benchmark`` stores presets other than
+    ``paper``); the baselines need only the classifier. Default methods: the fitted
+    presets and ``msp``. Returns (records, info) with the protocol and classifier metadata.
+    """
+
+    run = check_folder(run, "a run folder (classifier/, osr.json)")
+    clf_dir = RunLayout(run).classifier
+    if not (clf_dir / "model.json").is_file():
+        raise CheckpointError(f"{run} has no trained classifier ({clf_dir}/model.json); run gradosr train or fit first")
+    clf = Classifier.load(clf_dir, device=device)
+    if not clf.meta.get("complete"):
+        raise CheckpointError(f"{clf_dir} holds an unfinished training run; finish it with gradosr train --resume")
+    fitted = fitted_presets(run, device)
+    if methods is None:
+        methods = list(fitted) + ["msp"]
+    elif "all" in methods:
+        methods = available_methods(list(fitted))
+    missing = [m for m in methods if m in method_ids("preset") and m not in fitted]
+    if missing:
+        raise CheckpointError(f"{run} has no fitted {missing[0]} method (osr.json): run "
+                              f"gradosr fit --preset {missing[0]} --out {run} first")
+    spec = ProtocolSpec.from_dict(clf.meta["protocol"])
+    data = load_protocol(spec, data_dir)
+    y_true, closed_pred, scores = score_split(clf, data, methods, fitted, progress)
+    info = {"protocol": spec.to_dict(),
+            "classifier": {k: clf.meta.get(k) for k in ("arch", "train", "test_acc", "val_acc")},
+            "method_params": {m: s.params for m, s in scores.items()}}
+    return split_records(spec, y_true, closed_pred, scores), info

@@ -1,0 +1,85 @@
+"""Tables of results: one renderer (:func:`render`, Markdown or plain text) for the
+benchmark's mean ± std table, the command line's summary and the ablation table, and
+the CSV of the raw records."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from gradosr.checkpoint import atomic_write_text
+
+#: (key, column title, higher is better)
+COLUMNS = (
+    ("auroc", "AUROC", True),
+    ("aupr_in", "AUPR-in", True),
+    ("aupr_out", "AUPR-out", True),
+    ("fpr95", "FPR@95TPR", False),
+    ("macro_f1", "macro-F1", True),
+    ("macro_f1_tpr95", "macro-F1@TPR95", True),
+    ("oscr", "OSCR", True),
+    ("closed_acc", "closed acc.", True),
+)
+#: the plain-text summary's columns
+TEXT_KEYS = ("auroc", "macro_f1", "macro_f1_tpr95", "oscr", "closed_acc")
+CSV_FIELDS = ("method", "split", "auroc", "aupr_in", "aupr_out", "fpr95", "macro_f1", "macro_f1_tpr95", "oscr",
+              "closed_acc", "threshold", "threshold_rule", "seconds")
+
+
+def render(header: list[str], rows: list[list[str]], fmt: str = "markdown") -> str:
+    """A table of strings: Markdown (``| a | b |``) or plain text (first column left,
+    the others right-aligned to their width)."""
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    return "\n".join(str(r[0]).ljust(widths[0]) + "".join(f"  {str(c):>{w}}" for c, w in zip(r[1:], widths[1:]))
+                     for r in [header, *rows])
+
+
+def mean_std(stats: dict | None, digits: int = 3) -> str:
+    """``mean ± std`` of one summary cell (``–`` when absent)."""
+    return "–" if stats is None else f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def summary_table(summary: dict, columns=COLUMNS, fmt: str = "markdown", digits: int = 3,
+                  bold_best: bool = True) -> str:
+    """One row per method, mean ± std per metric; with ``bold_best`` (Markdown) the best
+    mean of each column in bold (ties included; lowest for FPR@95TPR)."""
+    methods = list(summary)
+    best = {}
+    for key, _, higher in columns:
+        means = [round(summary[m][key]["mean"], digits) for m in methods if key in summary[m]]
+        if means:
+            best[key] = max(means) if higher else min(means)
+    rows = []
+    for m in methods:
+        cells = [m]
+        for key, _, _ in columns:
+            s = summary[m].get(key)
+            text = mean_std(s, digits)
+            bold = bold_best and fmt == "markdown" and s is not None and round(s["mean"], digits) == best[key]
+            cells.append(f"**{text}**" if bold else text)
+        rows.append(cells)
+    return render(["method"] + [title for _, title, _ in columns], rows, fmt)
+
+
+def markdown_table(summary: dict) -> str:
+    """The benchmark's table (3 decimals, best in bold)."""
+    return summary_table(summary)
+
+
+def format_table(summary: dict, keys: tuple[str, ...] = TEXT_KEYS) -> str:
+    """The plain-text summary the command line prints (4 decimals)."""
+    columns = [(k, k, True) for k in keys]
+    return summary_table(summary, columns, fmt="text", digits=4, bold_best=False)
+
+
+def write_csv(path: Path, records: list[dict]) -> None:
+    """One row per (method, split) record."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write_text(path, buf.getvalue())
