@@ -13,6 +13,7 @@ from torch import nn
 
 from gradosr.errors import ConfigError
 from gradosr.gradients import capture, engine, per_sample_loss, squared_norms
+from gradosr.gradients.projection import layer_widths, projected_gradients
 from gradosr.gradients.rules import (
     LayerRule,
     MissingReduction,
@@ -25,7 +26,18 @@ from gradosr.gradients.rules import (
 )
 from gradosr.models import eval_mode
 
-from gradient_reference import TARGETS, Scale, close, naive, naive_gradients
+from gradient_reference import TARGETS, Scale, close, naive, naive_gradients, naive_projected
+
+
+class BareLinear(nn.Module):
+    """A linear map without bias that is not an ``nn.Linear``."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(o, i) / i**0.5)
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
 
 
 def gain_gradient(a, g):
@@ -57,7 +69,7 @@ def register_gain_grad() -> str:
 def model_with(layer_cls, seed=0):
     """Linear -> tanh -> the layer -> tanh -> mean over positions -> Linear head."""
     torch.manual_seed(seed)
-    mid = layer_cls(4)
+    mid = Scale(4) if layer_cls is Scale else BareLinear(4, 4)
     return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), mid, nn.Tanh(), MeanPositions(),
                          nn.Linear(4, 3)).double()
 
@@ -136,6 +148,27 @@ def test_rule_registered_for_new_layer_is_used(isolated, fallback_log, tname):
     feats, names = squared_norms(model, x, method="fast", **TARGETS[tname])
     assert fallback_log == []
     close(feats, naive(model, x, names, **TARGETS[tname]))
+
+
+def test_rule_registered_for_new_layer_is_projected(isolated, fallback_log):
+    """A new layer type with both reductions: in the squared norms and in the projection."""
+    before = [name for name, _ in layer_widths(model_with(BareLinear), 3)]
+
+    @register_rule(BareLinear)
+    class BareLinearRule(LayerRule):
+        params = ("weight",)
+        sqnorms = linear.LinearRule.sqnorms
+        projection = linear.LinearRule.projection
+
+    model = model_with(BareLinear)
+    assert before == ["0", "5"] and [n for n, _ in layer_widths(model, 3)] == ["0", "2", "5"]
+    x = torch.randn(5, 2, 5, dtype=torch.float64)
+    for kw in (TARGETS["confounding"], TARGETS["uniform"]):
+        close(projected_gradients(model, x, dim=3, batch_size=2, **kw),
+              naive_projected(model, x, 3, **kw))
+        feats, names = squared_norms(model, x, method="fast", **kw)
+        close(feats, naive(model, x, names, **kw))
+    assert fallback_log == []
 
 
 def test_layer_without_reduction_falls_back_to_func(isolated, fallback_log):
