@@ -1,11 +1,14 @@
 """Reference computations shared by the gradient-engine tests: the targets to check and
-a naive per-sample autograd loop (the independent expectation)."""
+a naive per-sample autograd loop (the independent expectation), as squared norms and as
+explicitly projected gradients."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from gradosr.gradients import per_sample_loss
+from gradosr.gradients.projection import projection_matrices
 
 TARGETS = {
     "confounding": dict(),
@@ -15,6 +18,18 @@ TARGETS = {
     "uniform": dict(target="uniform"),
 }
 RTOL, ATOL = 1e-10, 1e-30
+
+
+class Scale(nn.Module):
+    """``y = x * gain`` over the last dim: a custom module with its own parameter and no
+    built-in rule (torch.func fallback, unless a test registers a rule for it)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return x * self.gain
 
 
 def close(actual, expected, rtol=RTOL, atol=ATOL):
@@ -52,3 +67,24 @@ def naive(model, x, names, **kw):
     return torch.stack([
         torch.stack([g.pow(2).sum() if g is not None else p.new_zeros(()) for g, p in zip(row, params)])
         for row in grads]).detach()
+
+
+def naive_projected(model, x, dim, seed=0, **kw):
+    """Per sample: autograd.grad of its own loss w.r.t. every layer weight
+    (:func:`naive_gradients`), projected explicitly as
+    vec(P_out^T dW P_in) with the module's projection matrices."""
+    mats = projection_matrices(model, dim, seed)
+    modules = dict(model.named_modules())
+    weights = [modules[name].weight for name, _, _ in mats]
+    rows = []
+    for grads in naive_gradients(model, x, weights, **kw):
+        parts = []
+        for (_, p_out, p_in), w, gw in zip(mats, weights, grads):
+            gm = (torch.zeros_like(w) if gw is None else gw).reshape(w.shape[0], -1)
+            if p_out is not None:
+                gm = p_out.T @ gm
+            if p_in is not None:
+                gm = gm @ p_in
+            parts.append(gm.reshape(-1))
+        rows.append(torch.cat(parts))
+    return torch.stack(rows).detach()

@@ -1,5 +1,6 @@
-"""Tests of the hook-based fast path (gradosr.gradients.fast) against a naive per-sample
-autograd loop and the torch.func path, in float64."""
+"""Tests of the hook-based fast path (gradosr.gradients.capture with the "sqnorms" reduction
+of gradosr.gradients.rules) against a naive per-sample autograd loop and the torch.func
+path, in float64."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradosr.errors import ConfigError
-from gradosr.gradients import engine, fast, select_parameters, squared_norms
+from gradosr.gradients import capture, engine, select_parameters, squared_norms
+from gradosr.gradients.rules import conv as conv_rule, per_sample
 from gradosr.models import build_model
 
-from gradient_reference import TARGETS, close, naive
+from gradient_reference import TARGETS, Scale, close, naive
 
 
 def prime(model, x_shape, seed=0):
@@ -92,17 +94,6 @@ def test_builtin_float32_close_to_float64():
 # ---- a user model mixing supported and unsupported layers --------------------------------
 
 
-class Scale(nn.Module):
-    """A custom module with its own parameter (no rule: torch.func fallback)."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, n))
-
-    def forward(self, x):
-        return x * self.gain
-
-
 class Mixed(nn.Module):
     """Input (B, 21): 18 values as a (2, 9) sequence, 3 values cast to embedding indices."""
 
@@ -168,11 +159,13 @@ def test_mixed_model_fast_equals_naive_and_func(mixed, tname, fallback_log):
 def test_plan_splits_supported_and_unsupported(mixed):
     model, _ = mixed
     names = select_parameters(model)
-    the_plan = fast.plan(model, names)
+    layers, handled = engine._fast_plan(model, names)
+    rest = [n for n in names if n not in handled]
     # tied weights and custom/PReLU parameters are sent to the fallback by the plan;
-    # reuse and use outside the module are found while running (run_chunk's `failed`)
-    assert the_plan.rest == ["offset", "prelu.weight", "scale.gain", "tie_a.weight"]
-    assert set(the_plan.fast) | set(the_plan.rest) == set(names)
+    # reuse and use outside the module are found while running (capture.verdict)
+    assert rest == ["offset", "prelu.weight", "scale.gain", "tie_a.weight"]
+    assert list(handled) == [n for n in names if n not in rest]
+    assert all(layer in layers and attr in layer.params for layer, attr in handled.values())
 
 
 def test_embedding_first_with_inplace_output(fallback_log):
@@ -284,11 +277,11 @@ def test_conv_branches(cfg, branch, monkeypatch):
     x = torch.randn(5, *shape, dtype=torch.float64)
     names = select_parameters(model)
     expected = naive(model, x, names)
-    monkeypatch.setattr(fast, "_conv_branch", lambda *a: branch)
+    monkeypatch.setattr(conv_rule, "_conv_branch", lambda *a: branch)
     for sub in (1, 2, 8):
-        monkeypatch.setattr(fast, "CONV_SUB", sub)
+        monkeypatch.setattr(conv_rule, "CONV_SUB", sub)
         close(squared_norms(model, x, method="fast")[0], expected)
-    monkeypatch.setattr(fast, "FAST_BUDGET", 1)  # one sample per unfolded sub-batch
+    monkeypatch.setattr(per_sample, "FAST_BUDGET", 1)  # one sample per unfolded sub-batch
     close(squared_norms(model, x, method="fast")[0], expected)
 
 
@@ -312,7 +305,7 @@ def test_chunk_sizes_and_budget_do_not_change_result(mixed, monkeypatch):
     ref, _ = squared_norms(model, x, method="fast")
     for cs in (1, 2, 7, 100):
         close(squared_norms(model, x, method="fast", chunk_size=cs)[0], ref, rtol=1e-12, atol=0)
-    monkeypatch.setattr(fast, "FAST_BUDGET", 7)
+    monkeypatch.setattr(per_sample, "FAST_BUDGET", 7)
     close(squared_norms(model, x, method="fast", chunk_size=4)[0], ref, rtol=1e-12, atol=0)
 
 
@@ -357,7 +350,7 @@ def test_batch_statistics_models_use_func():
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False),
                           nn.Flatten(), nn.Linear(12, 3)).double()
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
-    assert fast.batch_coupled(model)
+    assert capture.batch_coupled(model)
     with pytest.raises(ConfigError):
         squared_norms(model, x, method="fast")
     feats, names = squared_norms(model, x)  # auto: the func path (samples one at a time)
@@ -369,10 +362,31 @@ def test_auto_uses_fast_path_and_head(monkeypatch):
     model = prime(build_model("lenet", 4), (1, 16, 16))
     x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
     calls = []
-    real = fast.run_chunk
-    monkeypatch.setattr(fast, "run_chunk", lambda *a: calls.append(1) or real(*a))
+    real = capture.run
+    monkeypatch.setattr(capture, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
     squared_norms(model, x)
     assert calls == [1]
     squared_norms(model, x, params=["head.weight", "head.bias"])  # closed form
     squared_norms(model, x, method="func")
     assert calls == [1]
+
+
+def test_unbatched_conv_input_uses_func(fallback_log):
+    """A Conv2d run on one unbatched (C, H, W) sample: its rule refuses the input
+    (check_input), the torch.func path computes the conv's parameters exactly."""
+
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3)
+            self.head = nn.Linear(48, 3)
+
+        def forward(self, x):  # a batch of one sample
+            return self.head(torch.tanh(self.conv(x[0].reshape(2, 6, 6))).reshape(1, -1))
+
+    torch.manual_seed(13)
+    model = Unbatched().double()
+    x = torch.randn(1, 72, dtype=torch.float64)
+    feats, names = squared_norms(model, x, method="fast")
+    assert fallback_log == [["conv.weight", "conv.bias"]]
+    close(feats, naive(model, x, names))

@@ -17,7 +17,7 @@ from gradosr.gradients.projection import (
     projection_size,
 )
 from gradosr.models import LeNet
-from gradient_reference import TARGETS, naive_gradients
+from gradient_reference import TARGETS, naive_projected
 
 def close(actual, expected, rtol=1e-10, atol=1e-12):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
@@ -66,27 +66,6 @@ class Mixed(nn.Module):
         h = h * self.const(self.c.expand(b, -1)) + self.tok(self.token.expand(b, -1))
         self.discarded(h)
         return self.head(h)
-
-
-def naive_projected(model, x, dim, seed=0, **kw):
-    """Per sample: autograd.grad of its own loss w.r.t. every layer weight
-    (:func:`gradient_reference.naive_gradients`), projected explicitly as
-    vec(P_out^T dW P_in) with the module's projection matrices."""
-    mats = projection_matrices(model, dim, seed)
-    modules = dict(model.named_modules())
-    weights = [modules[name].weight for name, _, _ in mats]
-    rows = []
-    for grads in naive_gradients(model, x, weights, **kw):
-        parts = []
-        for (_, p_out, p_in), w, gw in zip(mats, weights, grads):
-            gm = (torch.zeros_like(w) if gw is None else gw).reshape(w.shape[0], -1)
-            if p_out is not None:
-                gm = p_out.T @ gm
-            if p_in is not None:
-                gm = gm @ p_in
-            parts.append(gm.reshape(-1))
-        rows.append(torch.cat(parts))
-    return torch.stack(rows).detach()
 
 
 @pytest.mark.parametrize("kw", TARGETS.values(), ids=TARGETS.keys())

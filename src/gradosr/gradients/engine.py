@@ -13,9 +13,11 @@ Dropout off), so that samples are independent:
 - ``"fast"``: one batched forward and one batched backward of the summed per-sample
   losses per chunk; hooks capture every supported layer's input and output gradient and
   the per-sample squared norms follow layer by layer in closed form (Opacus/BackPACK
-  rules, see :mod:`gradosr.gradients.fast`). Parameters without a rule (other layer
-  types, parameters used outside their module, modules called twice) are computed by
-  ``"func"`` restricted to them;
+  rules of :mod:`gradosr.gradients.rules`, reduction ``"sqnorms"``, on the capture of
+  :mod:`gradosr.gradients.capture`). Parameters without such a rule (other layer types,
+  tied weights) or whose capture does not hold in a chunk (parameters used outside their
+  module, modules called twice, inputs modified in place) are computed by ``"func"``
+  restricted to them;
 - ``"func"``: ``torch.func.functional_call`` + ``vmap(grad(...))`` over the samples of a
   chunk, reducing every gradient to its squared norm inside the vmapped function;
 - ``"head"``: exact closed form when only the final ``nn.Linear`` head's weight and/or
@@ -26,6 +28,7 @@ Dropout off), so that samples are independent:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +36,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _NormBase
 
 from gradosr.errors import ConfigError, DataError, GradOSRError
-from gradosr.gradients import fast
+from gradosr.gradients import capture, rules
 from gradosr.gradients.targets import check_n_ones, check_target, per_sample_loss
 from gradosr.models import eval_mode, find_head_name
 
@@ -166,6 +169,38 @@ def _func_fn(
     return lambda xc: batched(selected, xc)
 
 
+def _fast_plan(model: nn.Module, names: list[str]
+               ) -> tuple[list[capture.Layer], dict[str, tuple[capture.Layer, str]]]:
+    """The capture layers of the ``"fast"`` path and ``{name: (layer, attribute)}`` for the
+    selected parameters it handles, in selection order; the other selected names go to
+    ``"func"``.
+
+    A parameter is handled if its owner module (the prefix of its name) has a rule with
+    the ``"sqnorms"`` reduction (:func:`gradosr.gradients.rules.rule_for`) covering that
+    attribute, and the same ``nn.Parameter`` is registered nowhere else (tied weights go
+    to the fallback).
+    """
+    shared = capture.shared_parameters(model)
+    named = dict(model.named_parameters())
+    handled: dict[str, tuple[str, nn.Module, rules.LayerRule, str]] = {}
+    for name in names:
+        prefix, _, attr = name.rpartition(".")
+        mod = model.get_submodule(prefix)
+        rule = rules.rule_for(mod, rules.SQNORMS)
+        if (rule is not None and attr in rule.params and getattr(mod, attr, None) is named[name]
+                and id(named[name]) not in shared):
+            handled[name] = (prefix, mod, rule, attr)
+    layers: dict[nn.Module, capture.Layer] = {}
+    for prefix, mod, rule, _ in handled.values():
+        if mod not in layers:
+            want = tuple(attr for _, m, _, attr in handled.values() if m is mod)
+            sqnorms = rule.reduction(rules.SQNORMS, mod)
+            layers[mod] = capture.Layer(prefix, mod, want, partial(sqnorms, mod, want=want),
+                                        partial(rule.check_input, mod))
+    return (list(layers.values()),
+            {name: (layers[mod], attr) for name, (_, mod, _, attr) in handled.items()})
+
+
 def _fast_norms(
     model: nn.Module,
     names: list[str],
@@ -173,8 +208,11 @@ def _fast_norms(
     loss: Callable[[Tensor], Tensor],
     chunk_size: int | None,
 ) -> Tensor:
-    """The ``"fast"`` path over all of ``x`` (model already in eval mode)."""
-    the_plan = fast.plan(model, names)
+    """The ``"fast"`` path over all of ``x`` (model already in eval mode): per chunk, one
+    :func:`gradosr.gradients.capture.run`; every parameter whose capture does not hold
+    (:func:`~gradosr.gradients.capture.verdict`: reused, used outside its module, input
+    modified in place, ...) and every parameter without a rule by ``"func"``."""
+    layers, fast = _fast_plan(model, names)
     func_fns: dict[tuple[str, ...], Callable[[Tensor], Tensor]] = {}
 
     def fallback(missing: list[str], xc: Tensor) -> Tensor:
@@ -187,25 +225,23 @@ def _fast_norms(
     def loss_of_output(out: object) -> Tensor:
         return loss(_check_out(out, batch))
 
-    params = [getattr(mod, attr) for mod, attr in the_plan.fast.values()]
-    flags = [p.requires_grad for p in params]
     parts = []
-    try:
-        for p in params:
-            p.requires_grad_(True)
+    with capture.requiring_grad(getattr(layer.module, attr) for layer, attr in fast.values()):
         for xc in x.split(chunk_size or FAST_CHUNK):
             batch = xc.shape[0]
-            if the_plan.fast:
-                cols, failed = fast.run_chunk(model, the_plan, xc, loss_of_output)
-            else:
-                cols, failed = {}, []
+            cols: dict[str, Tensor] = {}
+            if layers:
+                uses = capture.run(model, layers, xc, loss_of_output)
+                for name, (layer, attr) in fast.items():
+                    found = capture.verdict(layer, getattr(layer.module, attr), uses)
+                    if found == capture.OK:
+                        cols[name] = layer.result[attr]
+                    elif found == capture.ZERO:  # not used by this forward: zero gradient
+                        cols[name] = xc.new_zeros(batch)
             missing = [n for n in names if n not in cols]
             if missing:
                 cols.update(zip(missing, fallback(missing, xc).unbind(1)))
             parts.append(torch.stack([cols[n] for n in names], dim=1))
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
     return torch.cat(parts).detach()
 
 
@@ -274,7 +310,7 @@ def squared_norms(
         return per_sample_loss(z, target=target, n_ones=n_ones, output=output)
 
     head = _head_only(model, names) if method in ("auto", "head") else None
-    if method == "fast" and fast.batch_coupled(model):
+    if method == "fast" and capture.batch_coupled(model):
         raise ConfigError("method='fast' needs samples that are independent in eval mode; "
                           "the model has BatchNorm without running statistics")
     if method == "head" and head is None:
@@ -294,7 +330,7 @@ def squared_norms(
             if method == "head":
                 raise ConfigError("method='head' needs the model's output to be exactly the "
                                   "head's output (logits = head(h)), which it is not")
-        if method in ("auto", "fast") and not fast.batch_coupled(model):
+        if method in ("auto", "fast") and not capture.batch_coupled(model):
             return _fast_norms(model, names, x, loss, chunk_size), names
         fn = _func_fn(model, names, loss)
         size = chunk_size or _func_chunk(model, names)

@@ -37,18 +37,16 @@ CPU ``torch.Generator`` seeded with ``seed``, layer by layer in module order (``
 then ``P_in``, only for projected sides), in float64, then cast to the weight's device and
 dtype: the same seed gives the same matrices (:func:`projection_matrices`).
 
-How the factors are obtained: the per-sample gradient rules of Opacus (Yousefpour et al.,
-2021, ``opacus.grad_sample``) and BackPACK (Dangel, Kunstner and Hennig, ICLR 2020), as in
-:mod:`gradosr.gradients.fast`. The model runs in eval mode (samples independent); forward
-hooks capture every layer's input, tensor hooks on the layers' outputs capture the output
-gradients during ONE batched backward of the sum of the per-sample losses, requested with
-``torch.autograd.grad`` w.r.t. a leaf copy of the input (parameters' ``.grad`` is never
-touched). A tensor hook registered before an in-place operation on the output (e.g.
-``ReLU(inplace=True)`` after a Linear) receives the gradient w.r.t. the pre-modification
-value, i.e. the layer's own output gradient, as needed.
+How the factors are obtained: the model runs in eval mode (samples independent) and
+:func:`gradosr.gradients.capture.run` captures every layer's input and output gradient in
+ONE batched forward and backward of the sum of the per-sample losses; each layer's
+registered rule (:mod:`gradosr.gradients.rules`, reduction ``"projection"``: the
+per-sample gradient rules of Opacus, Yousefpour et al. 2021, and BackPACK, Dangel,
+Kunstner and Hennig, ICLR 2020) turns them into the projected gradient. Every layer whose
+rule has the ``"projection"`` reduction is included (today Linear, Conv1d and Conv2d).
 
 Refused (ConfigError): a model that mixes the samples of a batch in eval mode
-(:func:`gradosr.gradients.fast.batch_coupled`), a layer called more than once in a forward,
+(:func:`gradosr.gradients.capture.batch_coupled`), a layer called more than once in a forward,
 a weight registered in several modules or used outside its module's forward, a subclass of
 a supported layer with its own forward. A layer that the forward does not use (or whose
 output does not reach the loss) contributes zeros.
@@ -57,22 +55,18 @@ output does not reach the loss) contributes zeros.
 from __future__ import annotations
 
 import math
-from collections import Counter
-from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradosr.distributed import map_rows
 from gradosr.errors import ConfigError, DataError
-from gradosr.gradients import fast
+from gradosr.gradients import capture, rules
 from gradosr.gradients.targets import check_n_ones, check_target, per_sample_loss
 from gradosr.models import eval_mode
 
 __all__ = ["projected_gradients", "projection_matrices", "projection_size", "layer_widths"]
-
-_CLASSES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def _check_pos_int(value: object, what: str) -> int:
@@ -81,34 +75,33 @@ def _check_pos_int(value: object, what: str) -> int:
     return value
 
 
-def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The supported layers ``(name, module)`` in ``named_modules()`` order.
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module, rules.LayerRule]]:
+    """The layers whose rule has the projection reduction, ``(name, module, rule)`` in
+    ``named_modules()`` order.
 
     Raises:
-        ConfigError: a subclass overriding the torch forward, a grouped convolution
-            whose channels do not split, or a weight registered in several modules.
+        ConfigError: a subclass overriding the torch forward, a configuration the rule
+            does not support, no weight tensor, or a weight registered in several modules.
     """
-    holders: Counter[int] = Counter()
-    for mod in model.modules():
-        for p in mod._parameters.values():
-            if p is not None:
-                holders[id(p)] += 1
+    shared = capture.shared_parameters(model)
     found = []
     for name, m in model.named_modules():
-        cls = next((c for c in _CLASSES if isinstance(m, c)), None)
-        if cls is None:
+        hit = rules.match(m)
+        if hit is None or not hit.rule.has(rules.PROJECTION):
             continue
         label = name or "<root>"
-        if type(m).forward is not cls.forward or (
-                cls is not nn.Linear and type(m)._conv_forward is not cls._conv_forward):
+        if hit.overridden is not None:
             raise ConfigError(f"layer {label} ({type(m).__name__}) overrides the forward of "
-                              f"nn.{cls.__name__}: its per-sample gradient rule is unknown")
+                              f"nn.{hit.cls.__name__}: its per-sample gradient rule is unknown")
+        if not hit.rule.supports(m):
+            raise ConfigError(f"layer {label} ({type(m).__name__}): this configuration has no "
+                              "per-sample gradient rule")
         if not isinstance(m.weight, Tensor):
             raise ConfigError(f"layer {label} has no weight tensor")
-        if holders[id(m.weight)] > 1:
+        if id(m.weight) in shared:
             raise ConfigError(f"the weight of layer {label} is shared with another module; "
                               "projected gradients need every weight used by one layer")
-        found.append((name, m))
+        found.append((name, m, hit.rule))
     return found
 
 
@@ -125,7 +118,8 @@ def layer_widths(model: nn.Module, dim: int) -> list[tuple[str, int]]:
     """``(layer name, r_out * r_in)`` of every layer, in the column order of
     :func:`projected_gradients`."""
     dim = _check_pos_int(dim, "dim")
-    return [(name, _side(m.weight.shape[0], dim) * _side(m.weight[0].numel(), dim)) for name, m in _layers(model)]
+    return [(name, _side(m.weight.shape[0], dim) * _side(m.weight[0].numel(), dim))
+            for name, m, _ in _layers(model)]
 
 
 def projection_matrices(model: nn.Module, dim: int, seed: int = 0
@@ -142,7 +136,7 @@ def projection_matrices(model: nn.Module, dim: int, seed: int = 0
     gen = torch.Generator().manual_seed(seed)
     scale = 1.0 / math.sqrt(dim)
     out = []
-    for name, m in _layers(model):
+    for name, m, _ in _layers(model):
         w = m.weight
         mats: list[Tensor | None] = []
         for size in (w.shape[0], w[0].numel()):
@@ -155,154 +149,60 @@ def projection_matrices(model: nn.Module, dim: int, seed: int = 0
     return out
 
 
-# ---- per-layer rules: (module, input a, output gradient g, P_out, P_in) -> (B, r_out, r_in) ----
+def _capture_layers(model: nn.Module, mats: list[tuple[str, Tensor | None, Tensor | None]]
+                    ) -> list[capture.Layer]:
+    """One capture layer per projected layer (``mats`` of :func:`projection_matrices`),
+    reducing to its ``(B, r_out * r_in)`` rows."""
+    modules = {name: (m, rule) for name, m, rule in _layers(model)}
+    layers = []
+    for name, p_out, p_in in mats:
+        m, rule = modules[name]
+        project = rule.reduction(rules.PROJECTION, m)
+
+        def reduce(a: Tensor, g: Tensor, m=m, project=project, p_out=p_out, p_in=p_in) -> Tensor:
+            proj = project(m, a, g, p_out, p_in)
+            return proj.reshape(proj.shape[0], -1)
+
+        layers.append(capture.Layer(name, m, ("weight",), reduce, partial(rule.check_input, m)))
+    return layers
 
 
-def _linear_proj(m: nn.Module, a: Tensor, g: Tensor, p_out: Tensor | None, p_in: Tensor | None
-                 ) -> Tensor:
-    """``sum_t (P_out^T g_t)(P_in^T a_t)^T`` over the leading positions t of a Linear."""
-    b = a.shape[0]
-    a3 = a.reshape(b, -1, a.shape[-1])  # (B, T, I)
-    g3 = g.reshape(b, -1, g.shape[-1])  # (B, T, O)
-    pa = a3 if p_in is None else a3 @ p_in
-    pg = g3 if p_out is None else g3 @ p_out
-    return pg.transpose(1, 2) @ pa
+def _refuse(layer: capture.Layer, reason: str) -> None:
+    """The capture's ``on_failure``: stop the pass with a ConfigError."""
+    need = ("its gradient rule needs that input" if reason == capture.INPUT_MODIFIED
+            else "projected gradients need every layer called once per forward, on a batch")
+    raise ConfigError(f"layer {layer.label} {reason}: {need}")
 
 
-def _conv_proj(m: nn.Module, a: Tensor, g: Tensor, p_out: Tensor | None, p_in: Tensor | None
-               ) -> Tensor:
-    """``(P_out^T G)(P_in^T U)^T`` with U the unfolded input ``(B, I, L)`` per group."""
-    a4, kernel, dilation, padding, stride = fast._conv_geometry(m, a)
-    b, c_out, groups = g.shape[0], g.shape[1], m.groups
-    g3 = g.reshape(b, c_out, -1)
-    n_pos = g3.shape[2]
-    og = c_out // groups
-    kg = a4.shape[1] // groups * kernel[0] * kernel[1]
-    parts = []
-    for s in fast._sub_batches(b, groups * kg * n_pos):
-        u = F.unfold(a4[s], kernel, dilation=dilation, padding=padding, stride=stride)
-        n = u.shape[0]
-        u = u.view(n, groups, kg, n_pos)
-        pu = u if p_in is None else p_in.T @ u  # (n, groups, r_in, L)
-        gg = g3[s].view(n, groups, og, n_pos)
-        if p_out is None:  # rows of group j are G_j (P_in^T U_j)^T: stacked
-            parts.append((gg @ pu.transpose(2, 3)).reshape(n, c_out, -1))
-        else:  # P_out^T dW = sum_j P_out[rows of j]^T G_j U_j^T
-            pg = p_out.view(groups, og, -1).transpose(1, 2) @ gg  # (n, groups, r_out, L)
-            parts.append((pg @ pu.transpose(2, 3)).sum(dim=1))
-    return torch.cat(parts)
-
-
-@dataclass
-class _Record:
-    name: str
-    module: nn.Module
-    p_out: Tensor | None
-    p_in: Tensor | None
-    calls: int = 0
-    a: Tensor | None = None
-    a_version: int = 0
-    a_requires_grad: bool = False
-    out: Tensor | None = None
-    out_version: int = 0
-    result: Tensor | None = None
-    error: str | None = None
-
-
-def _forward_hook(rec: _Record, module: nn.Module, inputs: tuple, out: object) -> None:
-    rec.calls += 1
-    error = None
-    if rec.calls > 1:
-        error = "is called more than once in a forward"
-    elif not inputs or not isinstance(inputs[0], Tensor) or not isinstance(out, Tensor):
-        error = "has a non-tensor input or output"
-    elif ((isinstance(module, nn.Conv2d) and inputs[0].dim() != 4)
-          or (isinstance(module, nn.Conv1d) and inputs[0].dim() != 3)):
-        error = "receives an unbatched input"
-    if error is not None:  # stops the forward here (the hooks are removed by the caller)
-        raise ConfigError(f"layer {rec.name or '<root>'} {error}: projected gradients need "
-                          "every layer called once per forward, on a batch")
-    a = inputs[0]
-    rec.a, rec.a_version, rec.a_requires_grad = a.detach(), a._version, a.requires_grad
-    rec.out, rec.out_version = out, out._version
-    if out.requires_grad:
-        out.register_hook(lambda g: _grad_hook(rec, g))
-
-
-def _grad_hook(rec: _Record, g: Tensor) -> None:
-    if rec.result is not None or rec.error is not None or rec.a is None:
-        return
-    a, rec.a = rec.a, None
-    if a._version != rec.a_version:
-        rec.error = "has its input modified in place after the call"
-        return
-    rule = _linear_proj if isinstance(rec.module, nn.Linear) else _conv_proj
-    with torch.no_grad():
-        proj = rule(rec.module, a, g, rec.p_out, rec.p_in)
-    rec.result = proj.reshape(proj.shape[0], -1)
-
-
-def _batch(model: nn.Module, records: list[_Record], x: Tensor, loss) -> Tensor:
+def _batch(model: nn.Module, layers: list[capture.Layer], widths: list[int], x: Tensor,
+           loss) -> Tensor:
     """One forward and ONE backward: ``(B, P)`` for a batch already on the device."""
-    for rec in records:
-        rec.calls, rec.a, rec.out, rec.result, rec.error = 0, None, None, None, None
-    handles = []
-    try:
-        for rec in records:
-            handles.append(rec.module.register_forward_hook(
-                lambda m, i, o, rec=rec: _forward_hook(rec, m, i, o)))
-        with torch.enable_grad():
-            leaf = x.detach().requires_grad_(True)
-            z = model(leaf.clone())
-        for h in handles:
-            h.remove()
-        handles = []
+
+    def loss_of_output(z: object) -> Tensor:
         if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
             desc = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
             raise DataError(f"model output must be (B, N) logits with B={x.shape[0]}; got {desc}")
-        for rec in records:
-            if rec.a is not None and rec.a._version != rec.a_version:
-                raise ConfigError(f"layer {rec.name or '<root>'} has its input modified in "
-                                  "place after the call: its gradient rule needs that input")
-        with torch.enable_grad():
-            total = loss(z).sum()
-        edges = fast._param_edges(total)
-        requests: list[Tensor] = [leaf]
-        for rec in records:
-            # outputs are requested too, so that their tensor hooks fire even where the
-            # gradient does not flow on to the input leaf (an input independent of x); an
-            # output modified in place since is reached through its weight instead, when
-            # its input does not require grad
-            if rec.calls == 1 and rec.out is not None:
-                if rec.out._version == rec.out_version:
-                    requests.append(rec.out)
-                elif not rec.a_requires_grad:
-                    requests.append(rec.module.weight)
-            rec.out = None
-        if total.requires_grad:
-            torch.autograd.grad(total, requests, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
+        return loss(z)
+
+    uses = capture.run(model, layers, x, loss_of_output, request_all_outputs=True,
+                       on_failure=_refuse)
     cols = []
-    for rec in records:
-        label = rec.name or "<root>"
-        uses = edges[id(rec.module.weight)]
-        size = (rec.p_out.shape[1] if rec.p_out is not None else rec.module.weight.shape[0]) * (
-            rec.p_in.shape[1] if rec.p_in is not None else rec.module.weight[0].numel())
-        if uses > 1 or (rec.calls == 0 and uses > 0):
-            raise ConfigError(f"the weight of layer {label} is also used outside its forward; "
-                              "projected gradients need every weight used by one layer call")
-        if rec.error is not None:
-            raise ConfigError(f"layer {label} {rec.error}")
-        if uses == 0:  # not used, or its output does not reach the loss
-            cols.append(x.new_zeros(x.shape[0], size))
-        elif rec.result is None:
-            raise ConfigError(f"the output gradient of layer {label} could not be captured "
-                              "(its weight is used outside its forward, or its input depends on "
-                              "neither x nor the layers before it)")
+    for layer, width in zip(layers, widths):
+        found = capture.verdict(layer, layer.module.weight, uses)
+        if found == capture.OK:
+            cols.append(layer.result)
+        elif found == capture.ZERO:  # not used, or its output does not reach the loss
+            cols.append(x.new_zeros(x.shape[0], width))
+        elif found == capture.USED_OUTSIDE:
+            raise ConfigError(f"the weight of layer {layer.label} is also used outside its "
+                              "forward; projected gradients need every weight used by one "
+                              "layer call")
+        elif found == capture.NOT_CAPTURED:
+            raise ConfigError(f"the output gradient of layer {layer.label} could not be "
+                              "captured (its weight is used outside its forward, or its input "
+                              "depends on neither x nor the layers before it)")
         else:
-            cols.append(rec.result)
+            raise ConfigError(f"layer {layer.label} {found}")
     rows = torch.cat(cols, dim=1) if cols else x.new_zeros(x.shape[0], 0)
     return rows.detach()
 
@@ -346,17 +246,17 @@ def projected_gradients(model: nn.Module, x: Tensor, dim: int = 16, target: str 
         raise DataError(f"x must be a floating-point tensor of shape (B, ...), got {desc}")
     if not bool(torch.isfinite(x).all()):
         raise DataError("x contains NaN or Inf values")
-    if fast.batch_coupled(model):
+    if capture.batch_coupled(model):
         raise ConfigError("projected gradients need samples that are independent in eval mode; "
                           "the model has BatchNorm without running statistics")
     mats = projection_matrices(model, dim, seed)
     if not mats:
         raise ConfigError("the model has no nn.Linear, nn.Conv1d or nn.Conv2d layer: "
                           "the projected gradients would be empty")
-    p_total = projection_size(model, dim)
+    widths = [width for _, width in layer_widths(model, dim)]
+    p_total = sum(widths)
     if x.shape[0] == 0:
         return torch.zeros(0, p_total, dtype=torch.float64)
-    modules = dict(model.named_modules())
     ref = next(model.parameters())
 
     def loss(z: Tensor) -> Tensor:
@@ -365,20 +265,12 @@ def projected_gradients(model: nn.Module, x: Tensor, dim: int = 16, target: str 
     def local(xs: Tensor) -> Tensor:
         if xs.shape[0] == 0:
             return torch.zeros(0, p_total, dtype=torch.float64)
-        records = [_Record(name, modules[name], p_out, p_in) for name, p_out, p_in in mats]
-        weights = [r.module.weight for r in records]
-        flags = [w.requires_grad for w in weights]
+        layers = _capture_layers(model, mats)
         parts = []
-        try:
-            for w in weights:
-                w.requires_grad_(True)
-            with eval_mode(model):
-                for start in range(0, xs.shape[0], batch_size):
-                    xb = xs[start:start + batch_size].to(device=ref.device, dtype=ref.dtype)
-                    parts.append(_batch(model, records, xb, loss).to("cpu", torch.float64))
-        finally:
-            for w, flag in zip(weights, flags):
-                w.requires_grad_(flag)
+        with capture.requiring_grad(layer.module.weight for layer in layers), eval_mode(model):
+            for start in range(0, xs.shape[0], batch_size):
+                xb = xs[start:start + batch_size].to(device=ref.device, dtype=ref.dtype)
+                parts.append(_batch(model, layers, widths, xb, loss).to("cpu", torch.float64))
         return torch.cat(parts)
 
     return map_rows(local, x, align=batch_size)
