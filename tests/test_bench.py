@@ -55,7 +55,9 @@ def test_csv_markdown_and_plots(bench):
     assert "Command: `test`" in md
     best = max(METHODS, key=lambda m: round(doc["summary"][m]["auroc"]["mean"], 3))
     row = next(line for line in md.splitlines() if line.startswith(f"| {best} |"))
-    assert row.split("|")[2].strip().startswith("**")
+    assert row.split("|")[3].strip().startswith("**")  # | method | family | AUROC | ...
+    for r in doc["results"]:  # every record says the method's family and whether it is gradosr's own
+        assert (r["family"], r["own"]) == ({"msp": "logit", "mls": "logit", "gradnorm": "gradient"}[r["method"]], False)
     for name in ("roc_split0.png", "oscr_split1.png", "hist_msp.png"):
         data = (out / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -66,8 +68,8 @@ def test_markdown_bold_marks_lowest_fpr():
                "b": {"auroc": {"mean": 0.8, "std": 0.0}, "fpr95": {"mean": 0.1, "std": 0.0}}}
     lines = markdown_table(summary).splitlines()
     a, b = lines[2].split("|"), lines[3].split("|")
-    assert a[2].strip().startswith("**") and not b[2].strip().startswith("**")   # AUROC: higher wins
-    assert b[5].strip().startswith("**") and not a[5].strip().startswith("**")   # FPR: lower wins
+    assert a[3].strip().startswith("**") and not b[3].strip().startswith("**")   # AUROC: higher wins
+    assert b[6].strip().startswith("**") and not a[6].strip().startswith("**")   # FPR: lower wins
 
 
 def test_second_run_reuses_cache(bench, monkeypatch):

@@ -174,6 +174,11 @@ def cmd_benchmark(args) -> int:
     from gradosr.distributed import init_distributed
     from gradosr.evaluation.tables import format_table
 
+    if args.list_methods:
+        print(list_methods())
+        return 0
+    if args.out is None:
+        raise ConfigError("benchmark needs --out (the report folder)")
     if args.split is not None or args.split_seed is not None:
         raise ConfigError("benchmark takes --splits (e.g. 0-4), not --split/--split-seed")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -182,7 +187,8 @@ def cmd_benchmark(args) -> int:
         out=_out_folder(args.out),
         protocol_args=_protocol_options(args), train_overrides=_train_overrides(args),
         seed=args.seed, preset=args.preset, method_options=_method_options(args), data_dir=args.data_dir,
-        device=init_distributed(args.device), progress=not args.no_progress, command=_command_line(args))
+        device=init_distributed(args.device), progress=not args.no_progress, command=_command_line(args),
+        plot_all=args.plot_all)
     doc = run_benchmark(settings)
     docs = doc if len(settings.unknown_sets()) > 1 else {None: doc}
     for unknown, d in docs.items():
@@ -192,6 +198,28 @@ def cmd_benchmark(args) -> int:
         print(f"results written to {settings.layout.results(unknown)}/results.json, results.md, results.csv "
               "and plots/")
     return 0
+
+
+def list_methods() -> str:
+    """Every benchmark method: id, family, kind, paper and parameters, grouped by family."""
+    from dataclasses import replace
+
+    from gradosr.detectors.registry import METHODS, family_order, method_ids
+    from gradosr.evaluation.scoring import available_methods
+    from gradosr.evaluation.tables import render
+    from gradosr.methods.config import config_options, make_config
+
+    available_methods()  # registers the presets
+    rows = []
+    for m in family_order(method_ids("preset") + method_ids("baseline")):
+        info = METHODS[m]
+        if info.kind == "preset":  # what the preset changes from the paper as stated
+            diff = config_options(replace(make_config(m), preset="paper"))
+            params = f"GradientOSR preset; {diff or 'the paper as stated'}"
+        else:
+            params = str(info.factory().params)
+        rows.append([m, info.family, "gradosr" if info.kind == "preset" else "other", info.paper, params])
+    return render(["id", "family", "own", "paper", "parameters"], rows, fmt="text")
 
 
 def cmd_ablate(args) -> int:

@@ -88,8 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="every method side by side on the same classifiers, over splits")
     _add_protocol_args(p)
     p.add_argument("--splits", default="0-4", help="splits (cross: seeds), e.g. 0-4 or 0,2 (default 0-4)")
-    p.add_argument("--methods", default="all", help="comma-separated method ids, or all (default)")
-    p.add_argument("--out", required=True, help="report folder (runs/, cache/, results.*, plots/)")
+    p.add_argument("--methods", default="all",
+                   help="comma-separated method ids, family:<name> (e.g. family:activation), or all (default)")
+    p.add_argument("--list-methods", action="store_true",
+                   help="print every method id with its family, paper and parameters, and exit")
+    p.add_argument("--plot-all", action="store_true",
+                   help="ROC/OSCR plots with every method (default: the presets and the five best others)")
+    p.add_argument("--out", default=None, help="report folder (runs/, cache/, results.*, plots/); required")
     _add_train_args(p)
     _add_method_args(p)
     _add_common_args(p)

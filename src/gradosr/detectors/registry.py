@@ -20,6 +20,8 @@ from typing import Callable
 from gradosr.errors import ConfigError
 
 KINDS = ("baseline", "component", "preset")
+#: method families, in the order tables list them
+FAMILIES = ("gradient", "feature", "logit", "activation", "detector")
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,46 @@ def unregister(method_id: str) -> None:
 def method_ids(kind: str | None = None) -> list[str]:
     """Registered ids of one kind (None: every kind), in registration order."""
     return [m for m, info in METHODS.items() if kind is None or info.kind == kind]
+
+
+def describe(method_id: str) -> tuple[str, bool]:
+    """(family, own) of a method id: ``own`` is True for gradosr's own presets (and the
+    ablation variants of a preset, ``<preset>-<change>``, which take its family)."""
+    info = METHODS.get(method_id)
+    if info is None:
+        info = METHODS.get(method_id.split("-", 1)[0])
+        if info is None or info.kind != "preset":
+            return "", False
+    return info.family, info.kind == "preset"
+
+
+def family_order(method_ids_: list[str]) -> list[str]:
+    """``method_ids_`` grouped by family (in :data:`FAMILIES` order), keeping their order
+    within a family."""
+    rank = {f: i for i, f in enumerate(FAMILIES)}
+    return sorted(method_ids_, key=lambda m: rank.get(describe(m)[0], len(rank)))
+
+
+def select_methods(tokens: list[str]) -> list[str]:
+    """Method ids of ``tokens``: ids, ``all`` (every preset and baseline), or
+    ``family:<name>`` (every preset and baseline of that family)."""
+    listed = method_ids("preset") + method_ids("baseline")
+    out: list[str] = []
+    for token in tokens:
+        if token == "all":
+            hits = listed
+        elif token.startswith("family:"):
+            fam = token.split(":", 1)[1]
+            hits = [m for m in listed if METHODS[m].family == fam]
+            if not hits:
+                known = sorted({METHODS[m].family for m in listed})
+                raise ConfigError(f"no method of family {fam!r}; families: {', '.join(known)}")
+        elif token in listed:
+            hits = [token]
+        else:
+            raise ConfigError(f"unknown method {token!r}; available: all, family:<name>, {', '.join(listed)}")
+        out += [m for m in hits if m not in out]
+    return out
 
 
 def make_scorer(method_id: str):

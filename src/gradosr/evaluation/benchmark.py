@@ -40,6 +40,7 @@ from gradosr.evaluation.driver import ExperimentSettings, SplitRun, split_runs
 from gradosr.evaluation.records import results_document
 from gradosr.evaluation.scoring import SplitScores, available_methods, score_split, split_records
 from gradosr.evaluation.tables import markdown_table, write_csv
+from gradosr.detectors.registry import select_methods
 from gradosr.methods.config import DEFAULT_PRESET
 from gradosr.runs import identity_mismatch
 
@@ -53,14 +54,18 @@ class BenchmarkSettings(ExperimentSettings):
     """A benchmark: the splits (:class:`ExperimentSettings`) and the methods.
 
     Attributes:
-        methods: method ids, or ``["all"]``.
+        methods: method ids, ``all`` or ``family:<name>`` tokens
+            (:func:`gradosr.detectors.registry.select_methods`).
         preset, method_options: ``method_options`` apply to this GradientOSR preset
             (the ``--preset`` flag); methods may list several presets.
+        plot_all: ROC/OSCR plots with every method (default: the presets and the five
+            best others).
     """
 
     methods: list[str] = field(default_factory=lambda: ["all"])
     preset: str = DEFAULT_PRESET
     method_options: dict = field(default_factory=dict)
+    plot_all: bool = False
 
 
 def _scores_key(parts: dict) -> str:
@@ -144,11 +149,8 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
 
     layout = settings.layout
     t_start = time.time()
-    methods = settings.methods
-    bad = [m for m in methods if m != "all" and m not in available_methods()]
-    if bad:
-        raise ConfigError(f"unknown methods {bad}; available: all, {', '.join(available_methods())}")
-    split_methods = available_methods() if "all" in methods else list(methods)
+    available_methods()  # registers the presets
+    split_methods = select_methods(settings.methods)
     sets = settings.unknown_sets() if len(settings.unknown_sets()) > 1 else [None]
     state = {u: {"records": [], "scores": {}, "splits": [], "last": {}} for u in sets}
     for run in split_runs(settings):
@@ -184,7 +186,7 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
             atomic_write_json(folder / "results.json", doc)
             write_csv(folder / "results.csv", st["records"])
             write_markdown(folder / "results.md", doc)
-            write_plots(folder / "plots", st["scores"])
+            write_plots(folder / "plots", st["scores"], plot_all=settings.plot_all)
     distributed.barrier()  # the results are on disk before any process returns
     return docs[None] if None in docs else docs
 

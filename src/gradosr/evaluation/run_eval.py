@@ -8,7 +8,7 @@ from pathlib import Path
 from gradosr.checkpoint import check_folder
 from gradosr.classifier import Classifier
 from gradosr.data.protocols import ProtocolSpec, load_protocol
-from gradosr.detectors.registry import method_ids
+from gradosr.detectors.registry import method_ids, select_methods
 from gradosr.errors import CheckpointError
 from gradosr.evaluation.scoring import available_methods, score_split, split_records
 from gradosr.runs import RunLayout
@@ -49,8 +49,11 @@ def evaluate_run(run: Path, methods: list[str] | None, data_dir=None, device="cp
     fitted = fitted_presets(run, device)
     if methods is None:
         methods = list(fitted) + ["msp"]
-    elif "all" in methods:
-        methods = available_methods(list(fitted))
+    elif any(m == "all" or m.startswith("family:") for m in methods):
+        available_methods()  # registers the presets
+        # presets that this run has not fitted are left out of "all" and "family:<name>"
+        chosen = select_methods(methods)
+        methods = [m for m in chosen if m not in method_ids("preset") or m in fitted or m in methods]
     missing = [m for m in methods if m in method_ids("preset") and m not in fitted]
     if missing:
         raise CheckpointError(f"{run} has no fitted {missing[0]} method (osr.json): run "

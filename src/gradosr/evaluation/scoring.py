@@ -22,7 +22,7 @@ import torch
 from gradosr.classifier import Classifier
 from gradosr.data.protocols import OSRData, ProtocolSpec
 from gradosr.detectors import ScorerInputs
-from gradosr.detectors.registry import make_scorer, method_ids
+from gradosr.detectors.registry import describe, make_scorer, method_ids
 from gradosr.distributed import map_rows
 from gradosr.errors import ConfigError
 from gradosr.evaluation.records import results_record
@@ -144,6 +144,7 @@ def split_records(spec: ProtocolSpec, y_true: np.ndarray, closed_pred: np.ndarra
     for method, s in scores.items():
         rec = results_record(method, split, y_true, closed_pred, s.test, s.val, spec.num_known,
                              s.threshold, s.threshold_rule)
+        rec["family"], rec["own"] = describe(method)
         rec["seconds"] = round(float(s.seconds), 3)
         records.append(rec)
     return records

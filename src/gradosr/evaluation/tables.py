@@ -23,19 +23,18 @@ COLUMNS = (
 )
 #: the plain-text summary's columns
 TEXT_KEYS = ("auroc", "macro_f1", "macro_f1_tpr95", "oscr", "closed_acc")
-CSV_FIELDS = ("method", "split", "auroc", "aupr_in", "aupr_out", "fpr95", "macro_f1", "macro_f1_tpr95", "oscr",
+CSV_FIELDS = ("method", "family", "own", "split", "auroc", "aupr_in", "aupr_out", "fpr95", "macro_f1", "macro_f1_tpr95", "oscr",
               "closed_acc", "threshold", "threshold_rule", "seconds")
 
 
 def render(header: list[str], rows: list[list[str]], fmt: str = "markdown") -> str:
-    """A table of strings: Markdown (``| a | b |``) or plain text (first column left,
-    the others right-aligned to their width)."""
+    """A table of strings: Markdown (``| a | b |``) or plain text (columns padded to their
+    width, two spaces apart)."""
     if fmt == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    return "\n".join(str(r[0]).ljust(widths[0]) + "".join(f"  {str(c):>{w}}" for c, w in zip(r[1:], widths[1:]))
-                     for r in [header, *rows])
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
 
 
 def mean_std(stats: dict | None, digits: int = 3) -> str:
@@ -45,9 +44,12 @@ def mean_std(stats: dict | None, digits: int = 3) -> str:
 
 def summary_table(summary: dict, columns=COLUMNS, fmt: str = "markdown", digits: int = 3,
                   bold_best: bool = True) -> str:
-    """One row per method, mean ± std per metric; with ``bold_best`` (Markdown) the best
-    mean of each column in bold (ties included; lowest for FPR@95TPR)."""
-    methods = list(summary)
+    """One row per method, grouped by family (gradosr's own presets marked ★), mean ± std
+    per metric; with ``bold_best`` (Markdown) the best mean of each column in bold (ties
+    included; lowest for FPR@95TPR)."""
+    from gradosr.detectors.registry import describe, family_order
+
+    methods = family_order(list(summary))
     best = {}
     for key, _, higher in columns:
         means = [round(summary[m][key]["mean"], digits) for m in methods if key in summary[m]]
@@ -55,14 +57,15 @@ def summary_table(summary: dict, columns=COLUMNS, fmt: str = "markdown", digits:
             best[key] = max(means) if higher else min(means)
     rows = []
     for m in methods:
-        cells = [m]
+        family, own = describe(m)
+        cells = [f"{m} ★" if own and fmt == "markdown" else m, family or "–"]
         for key, _, _ in columns:
             s = summary[m].get(key)
             text = mean_std(s, digits)
             bold = bold_best and fmt == "markdown" and s is not None and round(s["mean"], digits) == best[key]
             cells.append(f"**{text}**" if bold else text)
         rows.append(cells)
-    return render(["method"] + [title for _, title, _ in columns], rows, fmt)
+    return render(["method", "family"] + [title for _, title, _ in columns], rows, fmt)
 
 
 def markdown_table(summary: dict) -> str:
