@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from gradosr.detectors import (
+    FDBD,
+    NCI,
     RMDS,
     ViM,
+    NNGuide,
     ScorerInputs,
 )
 from gradosr.detectors.vim import principal_dim
@@ -52,7 +55,7 @@ def lse_row(z):
     return z.max() + np.log(np.exp(z - z.max()).sum())
 
 
-@pytest.mark.parametrize("cls", [ViM, RMDS])
+@pytest.mark.parametrize("cls", [ViM, RMDS, FDBD, NNGuide, NCI])
 def test_fitted_methods_refuse_to_score_before_fit(cls):
     x, _, w, b, _ = problem()
     with pytest.raises(NotFittedError):
@@ -183,5 +186,112 @@ def test_rmds_rank_deficient_and_zero_features_are_finite():
     np.testing.assert_allclose(s, ref, rtol=1e-9)
     with pytest.raises(DataError, match="RMDS needs training samples of every class"):
         RMDS().fit(head_outs(x[y != 1], w, b), y[y != 1])
+
+
+# ----------------------------------------------------------------------------- fDBD
+
+
+def fdbd_reference(x, q, w, b):
+    mu = x.mean(axis=0)
+    scores = []
+    for h in q:
+        z = w @ h + b
+        top = int(np.argmax(z))
+        dists = [abs(z[top] - z[c]) / np.linalg.norm(w[top] - w[c]) for c in range(len(z)) if c != top]
+        scores.append(np.mean(dists) / max(np.linalg.norm(h - mu), 1e-12))
+    return np.array(scores)
+
+
+def test_fdbd_matches_the_paper():
+    x, y, w, b, q = problem(sizes=(30, 30, 30, 30), d=7, seed=7)
+    fdbd = FDBD().fit(head_outs(x, w, b), y)
+    np.testing.assert_allclose(fdbd.train_mean_, x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(fdbd.score_samples(head_outs(q, w, b)), fdbd_reference(x, q, w, b), rtol=RTOL)
+
+
+def test_fdbd_degenerate_inputs():
+    x, y, w, b, q = problem(d=5, seed=8)
+    fdbd = FDBD().fit(head_outs(x, w, b), y)
+    special = np.vstack([np.zeros(5), x.mean(axis=0)])  # a zero feature; one at the training mean
+    s = fdbd.score_samples(head_outs(special, w, b))
+    assert np.isfinite(s).all()
+    np.testing.assert_allclose(s, fdbd_reference(x, special, w, b), rtol=RTOL)
+    same = w.copy()
+    same[2] = same[0]
+    with pytest.raises(DataError, match="identical"):
+        fdbd.score_samples(head_outs(q, same, b))
+    one = FDBD().fit(outs(x, x[:, :1], np.ones((1, 5)), np.zeros(1)), np.zeros(len(x)))
+    with pytest.raises(DataError, match="at least 2 classes"):
+        one.score_samples(outs(q, q[:, :1], np.ones((1, 5)), np.zeros(1)))
+
+
+# -------------------------------------------------------------------------- NNGuide
+
+
+def nnguide_reference(x, z_train, q, z_query, k):
+    unit = lambda v: v / max(np.linalg.norm(v), 1e-12)  # noqa: E731
+    bank = [lse_row(zi) * unit(v) for v, zi in zip(x, z_train)]
+    scores = []
+    for v, zi in zip(q, z_query):
+        sims = sorted((float(unit(v) @ bi) for bi in bank), reverse=True)
+        scores.append(lse_row(zi) * np.mean(sims[:k]))
+    return np.array(scores)
+
+
+def test_nnguide_matches_the_paper():
+    x, y, w, b, q = problem(d=6, seed=9)
+    guide = NNGuide().fit(head_outs(x, w, b), y)
+    assert guide.params["k"] == 10 and guide.params["k_max"] == 10
+    ref = nnguide_reference(x, x @ w.T + b, q, q @ w.T + b, 10)
+    np.testing.assert_allclose(guide.score_samples(head_outs(q, w, b)), ref, rtol=RTOL)
+    # the bank: normalised training features scaled by their energy
+    energy = np.array([lse_row(zi) for zi in x @ w.T + b])
+    np.testing.assert_allclose(guide.bank_, x / np.linalg.norm(x, axis=1, keepdims=True) * energy[:, None],
+                               rtol=1e-12)
+    for chunk in (1, 7, 1000):
+        got = NNGuide(chunk_size=chunk).fit(head_outs(x, w, b), y).score_samples(head_outs(q, w, b))
+        np.testing.assert_allclose(got, ref, rtol=RTOL)
+
+
+def test_nnguide_k_is_capped_by_the_smallest_class_and_zero_features_are_finite():
+    x, y, w, b, q = problem(sizes=(30, 6, 20), d=5, seed=10)
+    q = np.vstack([q, np.zeros((1, 5))])
+    x[4] = 0.0  # a zero training feature
+    guide = NNGuide().fit(head_outs(x, w, b), y)
+    assert guide.params["k"] == 6
+    s = guide.score_samples(head_outs(q, w, b))
+    assert np.isfinite(s).all()
+    np.testing.assert_allclose(s, nnguide_reference(x, x @ w.T + b, q, q @ w.T + b, 6), rtol=RTOL)
+    assert s[-1] == 0.0  # a zero query has zero similarity to the bank
+    assert NNGuide(k=3).fit(head_outs(x, w, b), y).params["k"] == 3
+
+
+# ------------------------------------------------------------------------------ NCI
+
+
+def nci_reference(x, q, w, b, alpha=1e-4):
+    mu = x.mean(axis=0)
+    scores = []
+    for h in q:
+        c = int(np.argmax(w @ h + b))
+        dist = max(np.linalg.norm(h - mu), 1e-12)
+        scores.append(w[c] @ (h - mu) / dist + alpha * np.sum(np.abs(h)))
+    return np.array(scores)
+
+
+def test_nci_matches_the_paper():
+    x, y, w, b, q = problem(d=6, seed=15)
+    nci = NCI().fit(head_outs(x, w, b), y)
+    assert nci.params["alpha"] == 1e-4
+    np.testing.assert_allclose(nci.train_mean_, x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(nci.score_samples(head_outs(q, w, b)), nci_reference(x, q, w, b), rtol=RTOL)
+    np.testing.assert_allclose(NCI(alpha=0.5).fit(head_outs(x, w, b), y).score_samples(head_outs(q, w, b)),
+                               nci_reference(x, q, w, b, 0.5), rtol=RTOL)
+    special = np.vstack([np.zeros(6), x.mean(axis=0)])
+    s = nci.score_samples(head_outs(special, w, b))
+    assert np.isfinite(s).all()
+    assert s[1] == pytest.approx(1e-4 * np.abs(x.mean(axis=0)).sum(), rel=1e-12)  # pScore 0 at μ_G
+    with pytest.raises(ConfigError):
+        NCI(alpha=-1.0)
 
 

@@ -21,6 +21,9 @@ from gradosr.detectors.gradnorm import GradNorm  # isort: skip
 from gradosr.detectors.gradunc import GradUnc  # isort: skip
 from gradosr.detectors.vim import ViM  # isort: skip
 from gradosr.detectors.rmds import RMDS  # isort: skip
+from gradosr.detectors.fdbd import FDBD  # isort: skip
+from gradosr.detectors.nnguide import NNGuide  # isort: skip
+from gradosr.detectors.nci import NCI  # isort: skip
 from gradosr.detectors.gradorth import GradOrth  # isort: skip  (components after the baselines)
 from gradosr.detectors.mlp import MLPDetector  # isort: skip
 from gradosr.detectors.fusion import FusedScorer  # isort: skip
@@ -31,5 +34,5 @@ __all__ = [
     "Scorer", "ScorerInputs", "MSP", "MLS", "Energy", "ODIN", "OpenMax", "Mahalanobis", "KNN", "GradNorm",
     "GradUnc", "GradOrth", "MLPDetector", "FusedScorer", "METHODS", "register", "unregister", "method_ids",
     "make_scorer",
-    "ViM", "RMDS",
+    "ViM", "RMDS", "FDBD", "NNGuide", "NCI",
 ]
