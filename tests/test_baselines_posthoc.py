@@ -4,15 +4,19 @@ paper's formula (per-sample loops, written from the formulas, no gradosr helpers
 small synthetic features, logits and heads, to 1e-10 in float64; the fitted parameters;
 and degenerate inputs (a clear DataError or a finite, documented result)."""
 
+import mpmath
 import numpy as np
 import pytest
 import torch
 
 from gradosr.detectors import (
     FDBD,
+    GEN,
     NCI,
     RMDS,
     ViM,
+    Entropy,
+    KLMatching,
     NNGuide,
     ScorerInputs,
 )
@@ -55,7 +59,7 @@ def lse_row(z):
     return z.max() + np.log(np.exp(z - z.max()).sum())
 
 
-@pytest.mark.parametrize("cls", [ViM, RMDS, FDBD, NNGuide, NCI])
+@pytest.mark.parametrize("cls", [ViM, RMDS, FDBD, NNGuide, KLMatching, NCI])
 def test_fitted_methods_refuse_to_score_before_fit(cls):
     x, _, w, b, _ = problem()
     with pytest.raises(NotFittedError):
@@ -264,6 +268,122 @@ def test_nnguide_k_is_capped_by_the_smallest_class_and_zero_features_are_finite(
     np.testing.assert_allclose(s, nnguide_reference(x, x @ w.T + b, q, q @ w.T + b, 6), rtol=RTOL)
     assert s[-1] == 0.0  # a zero query has zero similarity to the bank
     assert NNGuide(k=3).fit(head_outs(x, w, b), y).params["k"] == 3
+
+
+# ------------------------------------------------------------------------------ GEN
+
+
+def gen_reference(z, gamma=0.1, m=100):
+    scores = []
+    for zi in z:
+        p = np.sort(softmax_row(zi))[::-1][: min(m, len(zi))]
+        scores.append(-np.sum(p**gamma * (1 - p) ** gamma))
+    return np.array(scores)
+
+
+def test_gen_matches_the_paper():
+    rng = np.random.default_rng(11)
+    z = rng.normal(scale=2.0, size=(30, 5))
+    np.testing.assert_allclose(GEN().score_samples(outs(logits=z)), gen_reference(z), rtol=RTOL)
+    np.testing.assert_allclose(GEN(gamma=0.5, m=3).score_samples(outs(logits=z)), gen_reference(z, 0.5, 3),
+                               rtol=RTOL)
+    wide = rng.normal(scale=2.0, size=(10, 120))  # K > 100: the top M = 100 only
+    np.testing.assert_allclose(GEN().score_samples(outs(logits=wide)), gen_reference(wide), rtol=RTOL)
+    assert GEN().params["gamma"] == 0.1 and GEN().params["M_max"] == 100
+    with pytest.raises(ConfigError):
+        GEN(gamma=0.0)
+
+
+def mp_softmax(z):
+    z = [mpmath.mpf(float(v)) for v in z]
+    e = [mpmath.exp(v) for v in z]
+    s = mpmath.fsum(e)
+    return [v / s for v in e]
+
+
+def test_gen_and_entropy_are_exact_for_extreme_logits():
+    """Against 60-digit mpmath: probabilities that underflow or round to 1 in float64."""
+    mpmath.mp.dps = 60
+    z = np.array([[1000.0, 0.0, -5.0], [40.0, 39.5, 0.0], [-800.0, -790.0, -805.0], [0.0, 0.0, 0.0],
+                  [30.0, -30.0, 0.0]])
+    gen = GEN().score_samples(outs(logits=z))
+    ent = Entropy().score_samples(outs(logits=z))
+    for i, zi in enumerate(z):
+        p = mp_softmax(zi)
+        g = -mpmath.fsum(v ** mpmath.mpf("0.1") * (1 - v) ** mpmath.mpf("0.1") for v in p)
+        h = mpmath.fsum(v * mpmath.log(v) for v in p)
+        assert gen[i] == pytest.approx(float(g), rel=1e-12)
+        assert ent[i] == pytest.approx(float(h), rel=1e-12, abs=1e-300)
+    assert gen[0] < 0  # not tied at 0 although p = (1, 0, 0) in float64
+
+
+# -------------------------------------------------------------------------- entropy
+
+
+def test_entropy_matches_the_formula():
+    rng = np.random.default_rng(12)
+    z = rng.normal(scale=3.0, size=(25, 6))
+    ref = np.array([np.sum(softmax_row(zi) * np.log(softmax_row(zi))) for zi in z])
+    s = Entropy().score_samples(outs(logits=z.astype(np.float32)))
+    assert s.dtype == np.float64
+    np.testing.assert_allclose(s, np.array([np.sum(softmax_row(zi) * np.log(softmax_row(zi)))
+                                            for zi in z.astype(np.float32).astype(np.float64)]), rtol=RTOL)
+    np.testing.assert_allclose(Entropy().score_samples(outs(logits=z)), ref, rtol=RTOL)
+    assert Entropy().score_samples(outs(logits=np.zeros((1, 6))))[0] == pytest.approx(-np.log(6), rel=1e-14)
+
+
+# --------------------------------------------------------------------- KL matching
+
+
+def klm_reference(z_train, z_query):
+    probs = np.array([softmax_row(zi) for zi in z_train])
+    pred = probs.argmax(axis=1)
+    templates = {c: probs[pred == c].mean(axis=0) for c in np.unique(pred)}
+    scores = []
+    for zi in z_query:
+        p = softmax_row(zi)
+        scores.append(-min(np.sum(p * np.log(p / d)) for d in templates.values()))
+    return np.array(scores), templates
+
+
+def test_klm_matches_the_paper():
+    rng = np.random.default_rng(13)
+    y = rng.integers(0, 4, size=200)
+    z = 2.5 * np.eye(4)[y] + rng.normal(size=(200, 4))
+    q = rng.normal(scale=2.0, size=(30, 4))
+    klm = KLMatching().fit(outs(logits=z), y)
+    ref, templates = klm_reference(z, q)
+    np.testing.assert_allclose(klm.score_samples(outs(logits=q)), ref, rtol=RTOL)
+    assert klm.template_classes_.tolist() == [0, 1, 2, 3] and klm.params["classes_without_template"] == []
+    np.testing.assert_allclose(klm.templates_, np.array([templates[c] for c in range(4)]), rtol=1e-12)
+    for chunk in (1, 6, 1000):
+        np.testing.assert_allclose(KLMatching(chunk_size=chunk).fit(outs(logits=z), y).score_samples(outs(logits=q)),
+                                   ref, rtol=RTOL)
+    # KL >= 0: every score <= 0 up to rounding
+    assert (klm.score_samples(outs(logits=q)) <= 1e-15).all()
+
+
+def test_klm_a_class_never_predicted_has_no_template():
+    rng = np.random.default_rng(14)
+    y = rng.integers(0, 4, size=120)
+    z = 3.0 * np.eye(4)[y] + rng.normal(size=(120, 4))
+    z[:, 2] -= 20.0  # class 2 is never the argmax
+    klm = KLMatching().fit(outs(logits=z), y)
+    assert klm.template_classes_.tolist() == [0, 1, 3]
+    assert klm.params["classes_without_template"] == [2] and klm.params["n_templates"] == 3
+    q = rng.normal(scale=2.0, size=(20, 4))
+    q[0, 2] = 30.0  # predicted as the template-less class: still finite
+    ref, _ = klm_reference(z, q)
+    s = klm.score_samples(outs(logits=q))
+    assert np.isfinite(s).all()
+    np.testing.assert_allclose(s, ref, rtol=RTOL)
+
+
+def test_klm_extreme_logits_are_finite():
+    z = np.array([[800.0, 0.0, 0.0], [0.0, 800.0, 0.0], [0.0, 0.0, 800.0], [1.0, 2.0, 3.0]])
+    klm = KLMatching().fit(outs(logits=z), np.zeros(4))
+    s = klm.score_samples(outs(logits=np.array([[-900.0, 0.0, 900.0], [0.0, 0.0, 0.0]])))
+    assert np.isfinite(s).all() and (s <= 0).all()
 
 
 # ------------------------------------------------------------------------------ NCI

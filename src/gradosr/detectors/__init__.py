@@ -23,6 +23,9 @@ from gradosr.detectors.vim import ViM  # isort: skip
 from gradosr.detectors.rmds import RMDS  # isort: skip
 from gradosr.detectors.fdbd import FDBD  # isort: skip
 from gradosr.detectors.nnguide import NNGuide  # isort: skip
+from gradosr.detectors.gen import GEN  # isort: skip
+from gradosr.detectors.entropy import Entropy  # isort: skip
+from gradosr.detectors.klm import KLMatching  # isort: skip
 from gradosr.detectors.nci import NCI  # isort: skip
 from gradosr.detectors.gradorth import GradOrth  # isort: skip  (components after the baselines)
 from gradosr.detectors.mlp import MLPDetector  # isort: skip
@@ -34,5 +37,5 @@ __all__ = [
     "Scorer", "ScorerInputs", "MSP", "MLS", "Energy", "ODIN", "OpenMax", "Mahalanobis", "KNN", "GradNorm",
     "GradUnc", "GradOrth", "MLPDetector", "FusedScorer", "METHODS", "register", "unregister", "method_ids",
     "make_scorer",
-    "ViM", "RMDS", "FDBD", "NNGuide", "NCI",
+    "ViM", "RMDS", "FDBD", "NNGuide", "GEN", "Entropy", "KLMatching", "NCI",
 ]
