@@ -8,10 +8,12 @@ import mpmath
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from gradosr.detectors import (
     FDBD,
     GEN,
+    GMM,
     NCI,
     RMDS,
     ViM,
@@ -20,6 +22,7 @@ from gradosr.detectors import (
     NNGuide,
     ScorerInputs,
 )
+from gradosr.detectors.registry import method_ids
 from gradosr.detectors.vim import principal_dim
 from gradosr.errors import ConfigError, DataError, NotFittedError
 
@@ -59,7 +62,13 @@ def lse_row(z):
     return z.max() + np.log(np.exp(z - z.max()).sum())
 
 
-@pytest.mark.parametrize("cls", [ViM, RMDS, FDBD, NNGuide, KLMatching, NCI])
+def test_registered_in_order_after_the_existing_baselines():
+    ids = method_ids("baseline")
+    start = ids.index("gradunc") + 1
+    assert ids[start : start + 9] == ["vim", "rmds", "fdbd", "nnguide", "gen", "entropy", "klm", "nci", "gmm"]
+
+
+@pytest.mark.parametrize("cls", [ViM, RMDS, FDBD, NNGuide, KLMatching, NCI, GMM])
 def test_fitted_methods_refuse_to_score_before_fit(cls):
     x, _, w, b, _ = problem()
     with pytest.raises(NotFittedError):
@@ -415,3 +424,43 @@ def test_nci_matches_the_paper():
         NCI(alpha=-1.0)
 
 
+# ------------------------------------------------------------------------------ GMM
+
+
+def gmm_reference(x, y, q, ridge=1e-6):
+    k, d = y.max() + 1, x.shape[1]
+    means = [x[y == c].mean(axis=0) for c in range(k)]
+    tied = sum(np.outer(v - means[c], v - means[c]) for v, c in zip(x, y)) / len(x)
+    lam = ridge * np.trace(tied) / d
+    covs = [np.cov(x[y == c], rowvar=False, bias=True) + lam * np.eye(d) for c in range(k)]
+    return np.array([max(stats.multivariate_normal(means[c], covs[c]).logpdf(v) for c in range(k)) for v in q]), lam
+
+
+def test_gmm_matches_the_gaussian_log_density():
+    x, y, w, b, q = problem(d=5, seed=16)
+    x[y == 1] *= 0.3  # classes with different covariances
+    gmm = GMM().fit(head_outs(x, w, b), y)
+    ref, lam = gmm_reference(x, y, q)
+    np.testing.assert_allclose(gmm.score_samples(head_outs(q, w, b)), ref, rtol=RTOL)
+    assert gmm.params["lambda"] == pytest.approx(lam, rel=1e-12)
+    np.testing.assert_allclose(gmm.means_, [x[y == c].mean(axis=0) for c in range(3)], rtol=1e-12)
+    for chunk in (1, 4, 1000):
+        got = GMM(chunk_size=chunk).fit(head_outs(x, w, b), y).score_samples(head_outs(q, w, b))
+        np.testing.assert_allclose(got, ref, rtol=RTOL)
+
+
+def test_gmm_singular_class_covariances_are_regularised():
+    x, y, w, b, q = problem(sizes=(30, 4, 25), d=6, seed=17)  # class 1: n_k = 4 < D
+    x = np.maximum(x, 0.0)
+    x[:, 3] = 0.0  # a dead unit
+    q = np.vstack([np.maximum(q, 0.0), np.zeros((1, 6))])
+    gmm = GMM().fit(head_outs(x, w, b), y)
+    s = gmm.score_samples(head_outs(q, w, b))
+    assert np.isfinite(s).all()
+    ref, _ = gmm_reference(x, y, q)
+    np.testing.assert_allclose(s, ref, rtol=1e-9)
+    points = np.repeat(np.eye(6)[:3], 5, axis=0)  # every class a single point
+    with pytest.raises(DataError, match="no within-class variance"):
+        GMM().fit(outs(points, np.zeros((15, 3))), np.repeat(np.arange(3), 5))
+    with pytest.raises(ConfigError):
+        GMM(ridge=0.0)
