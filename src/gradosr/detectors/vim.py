@@ -20,7 +20,8 @@ z = Wx + b) and on the logits z (K), as in the paper.
 **Subspace size** ``dim``: the authors' rule for large D, from their benchmark code:
 1000 for D ≥ 2048 and 512 for 768 ≤ D < 2048; for D < 768 (the small feature spaces of
 LeNet- or ResNet-18-sized models), ⌊D/2⌋ — the value OpenOOD v1.5 uses for its D = 512
-ResNet-18 (dim 256) and D = 84 LeNet (dim 42) benchmarks. D < 2 raises DataError (no
+ResNet-18 (dim 256) and D = 84 LeNet (dim 42) benchmarks (the authors' code would keep
+512, which leaves little or no residual below D = 768). D < 2 raises DataError (no
 principal subspace and residual to split into). The size used is ``params["dim"]``.
 
 **Score.** With the virtual logit α‖x^{P⊥}‖₂, the paper's ViM score is the softmax
