@@ -19,6 +19,15 @@ from gradosr.detectors.mahalanobis import Mahalanobis  # isort: skip
 from gradosr.detectors.knn import KNN  # isort: skip
 from gradosr.detectors.gradnorm import GradNorm  # isort: skip
 from gradosr.detectors.gradunc import GradUnc  # isort: skip
+from gradosr.detectors.vim import ViM  # isort: skip
+from gradosr.detectors.rmds import RMDS  # isort: skip
+from gradosr.detectors.fdbd import FDBD  # isort: skip
+from gradosr.detectors.nnguide import NNGuide  # isort: skip
+from gradosr.detectors.gen import GEN  # isort: skip
+from gradosr.detectors.entropy import Entropy  # isort: skip
+from gradosr.detectors.klm import KLMatching  # isort: skip
+from gradosr.detectors.nci import NCI  # isort: skip
+from gradosr.detectors.gmm import GMM  # isort: skip
 from gradosr.detectors.gradorth import GradOrth  # isort: skip  (components after the baselines)
 from gradosr.detectors.mlp import MLPDetector  # isort: skip
 from gradosr.detectors.fusion import FusedScorer  # isort: skip
@@ -29,4 +38,5 @@ __all__ = [
     "Scorer", "ScorerInputs", "MSP", "MLS", "Energy", "ODIN", "OpenMax", "Mahalanobis", "KNN", "GradNorm",
     "GradUnc", "GradOrth", "MLPDetector", "FusedScorer", "METHODS", "register", "unregister", "method_ids",
     "make_scorer",
+    "ViM", "RMDS", "FDBD", "NNGuide", "GEN", "Entropy", "KLMatching", "NCI", "GMM",
 ]

@@ -229,3 +229,40 @@ def class_counts(y: np.ndarray, k: int, method: str) -> np.ndarray:
         missing = np.flatnonzero(counts == 0).tolist()
         raise DataError(f"{method} needs training samples of every class; none for {missing}")
     return counts
+
+
+def float_rows(inputs: ScorerInputs, name: str, method: str) -> np.ndarray:
+    """The field ``name`` of ``inputs`` as a float64 N×D NumPy array; DataError naming
+    ``method`` when it was not computed, is not a matrix or holds NaN or infinite values."""
+    x = torch.as_tensor(inputs.get(name, method)).detach().cpu().to(torch.float64).numpy()
+    if x.ndim != 2:
+        raise DataError(f"{method}: {name} must be N×D, got shape {tuple(x.shape)}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{method}: {name} contain NaN or infinite values")
+    return x
+
+
+def head_rows(inputs: ScorerInputs, n_classes: int, dim: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """The classification head's weight (K×D) and bias (K; zeros for a head without a
+    bias) as float64, checked against the logits' K and the features' D."""
+    w = torch.as_tensor(inputs.get("head_weight", method)).detach().cpu().to(torch.float64).numpy()
+    if w.shape != (n_classes, dim):
+        raise DataError(f"{method}: head_weight must be K×D = {n_classes}×{dim}, got shape {tuple(w.shape)}")
+    b = (np.zeros(n_classes) if inputs.head_bias is None
+         else torch.as_tensor(inputs.head_bias).detach().cpu().to(torch.float64).numpy().reshape(-1))
+    if b.shape != (n_classes,):
+        raise DataError(f"{method}: head_bias must have {n_classes} entries, got shape {tuple(b.shape)}")
+    if not (np.isfinite(w).all() and np.isfinite(b).all()):
+        raise DataError(f"{method}: the head's weight or bias contain NaN or infinite values")
+    return w, b
+
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """log softmax of the rows of z (float64), accurate also for a probability close to 1:
+    with m the row's maximum and s = Σ_{j ≠ argmax} exp(z_j − m), log p = (z − m) − log1p(s)
+    (no rounding of 1 + s). Finite for finite logits."""
+    shifted = z - z.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    e[np.arange(len(z)), z.argmax(axis=1)] = 0.0
+    return shifted - np.log1p(e.sum(axis=1, keepdims=True))
