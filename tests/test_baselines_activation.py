@@ -1,7 +1,8 @@
-"""Activation-shaping baselines (ReAct, ASH-S/-B/-P, SCALE), each checked
+"""Activation-shaping baselines (ReAct, ASH-S/-B/-P, SCALE, DICE), each checked
 against an independent NumPy transcription of its paper's formula on small synthetic
 penultimate features and a linear head, to 1e-10 in float64: ReAct's clip against a
-percentile interpolated by hand, ASH's kept set against a per-row argsort."""
+percentile interpolated by hand, ASH's kept set against a per-row argsort, DICE's mask
+against a top-k of the contribution matrix."""
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from gradosr.detectors import METHODS
 from gradosr.detectors.ash import AshB, AshP, AshS
+from gradosr.detectors.dice import Dice
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.react import ReAct
 from gradosr.detectors.scale import Scale
@@ -145,9 +147,33 @@ def test_scale_multiplies_all_units_by_exp_s1_over_s2():
     np.testing.assert_allclose(scorer.score_samples(outs(H_TEST)), expected, **TOL)
 
 
+# ---------------------------------------------------------------------------- DICE
+
+
+def test_dice_keeps_the_top_tenth_of_the_contribution_matrix():
+    scorer = Dice().fit(outs(H_TRAIN), np.zeros(len(H_TRAIN), int))
+    v = W * H_TRAIN.mean(axis=0)[None, :]
+    m = K * D - int(round(K * D * 90 / 100))
+    mask = np.zeros(K * D, bool)
+    mask[np.argsort(-v.ravel(), kind="stable")[:m]] = True
+    mask = mask.reshape(K, D)
+    np.testing.assert_array_equal(scorer.mask_, mask)
+    assert scorer.params["kept_weights"] == m == 6 and scorer.params["sparsity"] == 90.0
+    # no ties here: the same set as the references' "V > percentile(V, 90)"
+    np.testing.assert_array_equal(mask, v > np.percentile(v, 90))
+    expected = np_energy(H_TEST @ (W * mask).T + B)
+    np.testing.assert_allclose(scorer.score_samples(outs(H_TEST)), expected, **TOL)
+
+
+def test_dice_refuses_another_head():
+    scorer = Dice().fit(outs(H_TRAIN), np.zeros(len(H_TRAIN), int))
+    with pytest.raises(DataError, match="does not match"):
+        scorer.score_samples(outs(H_TEST[:, :6], W[:, :6]))
+
+
 # ---------------------------------------------------------------- shared behaviour
 
-ALL = ["react", "ash_s", "ash_b", "ash_p", "scale"]
+ALL = ["react", "ash_s", "ash_b", "ash_p", "scale", "dice"]
 
 
 def fit_one(method_id, h=H_TRAIN, b=B):
@@ -184,6 +210,8 @@ def test_percentile_must_lie_in_0_100(cls):
     for bad in (-1, 100, 150, "90", True):
         with pytest.raises(ConfigError):
             cls(percentile=bad)
+    with pytest.raises(ConfigError):
+        Dice(sparsity=100)
 
 
 def test_missing_head_and_mismatched_shapes_are_clear_errors():
