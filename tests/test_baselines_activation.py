@@ -1,8 +1,8 @@
-"""Activation-shaping baselines (ReAct, ASH-S/-B/-P, SCALE, DICE), each checked
+"""Activation-shaping baselines (ReAct, ASH-S/-B/-P, SCALE, DICE) and SHE, each checked
 against an independent NumPy transcription of its paper's formula on small synthetic
 penultimate features and a linear head, to 1e-10 in float64: ReAct's clip against a
 percentile interpolated by hand, ASH's kept set against a per-row argsort, DICE's mask
-against a top-k of the contribution matrix."""
+against a top-k of the contribution matrix, SHE's patterns by a loop over classes."""
 
 import numpy as np
 import pytest
@@ -15,6 +15,7 @@ from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.react import ReAct
 from gradosr.detectors.scale import Scale
 from gradosr.detectors.shaping import top_mask
+from gradosr.detectors.she import SHE
 from gradosr.errors import ConfigError, DataError
 
 K, D = 5, 12
@@ -171,9 +172,42 @@ def test_dice_refuses_another_head():
         scorer.score_samples(outs(H_TEST[:, :6], W[:, :6]))
 
 
+# ----------------------------------------------------------------------------- SHE
+
+
+def test_she_patterns_are_class_means_of_correct_training_samples():
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(K), 16)
+    h = np.maximum(rng.normal(size=(len(y), D)) + 1.5 * np.eye(K, D)[y], 0)
+    z = 2.0 * np.eye(K)[y] + rng.normal(size=(len(y), K))
+    scorer = SHE().fit(outs(h, logits=z), y)
+    pred = z.argmax(axis=1)
+    assert 0 < (pred != y).sum() and all(((y == c) & (pred == c)).any() for c in range(K))
+    patterns = np.stack([h[(y == c) & (pred == c)].mean(axis=0) for c in range(K)])
+    np.testing.assert_allclose(scorer.patterns_, patterns, **TOL)
+    assert scorer.params["fallback_classes"] == []
+    zt = H_TEST @ W.T + B
+    expected = np.array([row @ patterns[np.argmax(logit)] for row, logit in zip(H_TEST, zt)])
+    np.testing.assert_allclose(scorer.score_samples(outs(H_TEST, logits=zt)), expected, **TOL)
+
+
+def test_she_falls_back_to_all_samples_of_a_class_never_classified_correctly():
+    rng = np.random.default_rng(6)
+    y = np.repeat(np.arange(3), 10)
+    h = rng.random((30, D))
+    z = np.eye(3)[y] * 5.0
+    z[y == 2] = np.eye(3)[0] * 5.0  # class 2 is always predicted as 0
+    scorer = SHE().fit(outs(h, W[:3], B[:3], logits=z), y)
+    assert scorer.params["fallback_classes"] == [2]
+    np.testing.assert_allclose(scorer.patterns_[2], h[y == 2].mean(axis=0), **TOL)
+    np.testing.assert_allclose(scorer.patterns_[0], h[(y == 0)].mean(axis=0), **TOL)  # class 2 rows are wrong
+    with pytest.raises(DataError, match="none for"):
+        SHE().fit(outs(h, W[:4], B[:4], logits=np.c_[z, np.zeros(30)]), y)  # class 3 has no samples
+
+
 # ---------------------------------------------------------------- shared behaviour
 
-ALL = ["react", "ash_s", "ash_b", "ash_p", "scale", "dice"]
+ALL = ["react", "ash_s", "ash_b", "ash_p", "scale", "dice", "she"]
 
 
 def fit_one(method_id, h=H_TRAIN, b=B):

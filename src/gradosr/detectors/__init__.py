@@ -23,6 +23,7 @@ from gradosr.detectors.react import ReAct  # isort: skip
 from gradosr.detectors.ash import AshS, AshB, AshP  # isort: skip
 from gradosr.detectors.scale import Scale  # isort: skip
 from gradosr.detectors.dice import Dice  # isort: skip
+from gradosr.detectors.she import SHE  # isort: skip
 from gradosr.detectors.gradorth import GradOrth  # isort: skip  (components after the baselines)
 from gradosr.detectors.mlp import MLPDetector  # isort: skip
 from gradosr.detectors.fusion import FusedScorer  # isort: skip
@@ -32,5 +33,5 @@ from gradosr.detectors.registry import METHODS, make_scorer, method_ids, registe
 __all__ = [
     "Scorer", "ScorerInputs", "MSP", "MLS", "Energy", "ODIN", "OpenMax", "Mahalanobis", "KNN", "GradNorm",
     "GradUnc", "GradOrth", "MLPDetector", "FusedScorer", "METHODS", "register", "unregister", "method_ids",
-    "make_scorer", "ReAct", "AshS", "AshB", "AshP", "Scale", "Dice",
+    "make_scorer", "ReAct", "AshS", "AshB", "AshP", "Scale", "Dice", "SHE",
 ]
