@@ -103,7 +103,7 @@ def ash_by_hand(h, p, variant):
             out[i, keep] = s1 / k
         else:
             s2 = row[keep].sum()
-            out[i, keep] = row[keep] * (np.exp(s1 / s2) if s2 != 0 else 1.0)
+            out[i, keep] = row[keep] * (np.exp(s1 / s2) if s2 > 0 else 1.0)
     return out
 
 
@@ -133,6 +133,24 @@ def test_ash_keeps_at_least_one_unit():
 
 def test_ash_p_at_zero_percent_is_the_energy_of_the_logits():
     np.testing.assert_allclose(AshP(percentile=0).score_samples(outs(H_TEST)), np_energy(H_TEST @ W.T + B), **TOL)
+
+
+def test_ash_and_scale_on_signed_activations_follow_the_formula_and_stay_finite():
+    rng = np.random.default_rng(7)
+    h = rng.normal(0.2, 1.0, size=(40, D))
+    h[0] = -np.abs(h[0])  # all negative: s2 < 0, factor 1
+    h[1] = -1e-3  # near-zero kept sum with a large negative rest
+    h[1, 0] = 1e-12
+    for cls, variant in ((AshS, "s"), (AshB, "b"), (AshP, "p")):
+        s = cls().score_samples(outs(h))
+        assert np.isfinite(s).all()
+        np.testing.assert_allclose(s, np_energy(ash_by_hand(h, cls().params["percentile"], variant) @ W.T + B), **TOL)
+    k = D - int(round(D * 85 / 100))
+    s1, s2 = h.sum(axis=1), np.array([np.sort(row)[::-1][:k].sum() for row in h])
+    factor = np.where(s2 > 0, np.exp(s1 / np.where(s2 > 0, s2, 1.0)), 1.0)
+    s = Scale().score_samples(outs(h))
+    assert np.isfinite(s).all()
+    np.testing.assert_allclose(s, np_energy((h * factor[:, None]) @ W.T + B), **TOL)
 
 
 # --------------------------------------------------------------------------- SCALE

@@ -17,8 +17,9 @@ h (D; ``features``, the input of the linear head W, b), with the pruning percent
 
 higher = more likely known (:mod:`gradosr.detectors.shaping`: recomputing the logits
 through the head is exact because it is linear; a model whose head is not its last
-linear map needs its penultimate layer as ``features``). Where s2 = 0 (h = 0 for
-non-negative activations) ASH-S uses the factor 1.
+linear map needs its penultimate layer as ``features``). Where s2 ≤ 0 (h = 0 for
+non-negative activations) ASH-S uses the factor 1 (see :mod:`gradosr.detectors.shaping`
+on signed activations).
 
 - Layer: the penultimate activations (after global average pooling), where the authors'
   code applies ASH for the paper's main results.
@@ -41,7 +42,7 @@ Differences from the reference implementations, deliberate:
   ``torch.topk`` (ties in arbitrary order); here each variant has the paper's p, ties
   go to the lower index (with ReLU zeros ASH-B's kept set would otherwise be
   arbitrary), k is at least 1 (for small D, where D − round(D·p/100) can be 0), and
-  s2 = 0 gives a factor of 1 instead of NaN.
+  s2 ≤ 0 gives a factor of 1 (s2 = 0 gives NaN there).
 """
 
 from __future__ import annotations

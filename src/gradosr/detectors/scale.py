@@ -12,8 +12,9 @@ Detection Enhancement", ICLR 2024. Per sample, on its penultimate activations h 
 higher = more likely known (:mod:`gradosr.detectors.shaping`: recomputing the logits
 through the head is exact because it is linear; a model whose head is not its last
 linear map needs its penultimate layer as ``features``). SCALE is ASH-S without its
-pruning step: the paper shows that the gain comes from the scaling alone. Where s2 = 0
-(h = 0 for non-negative activations) the factor is 1.
+pruning step: the paper shows that the gain comes from the scaling alone. Where s2 ≤ 0
+(h = 0 for non-negative activations) the factor is 1 (see
+:mod:`gradosr.detectors.shaping` on signed activations).
 
 - Layer: the penultimate activations (after global average pooling), as in the paper.
 - Percentile: per sample, over its D units (only s2 depends on it; nothing is fitted).
@@ -25,7 +26,7 @@ pruning step: the paper shows that the gain comes from the scaling alone. Where 
 Differences from the reference implementations, deliberate: none in the formula.
 OpenOOD v1.5 has the same default p = 85 but searches p on OOD validation data in its
 automatic-parameter-search mode; pytorch-ood 0.4 defaults to 0.65 (a fraction, the ASH
-default). Here p = 85 always, and the s2 = 0 guard keeps the score finite for zero
+default). Here p = 85 always, and the s2 ≤ 0 guard keeps the score finite for zero
 activations (s2, a sum of the k largest values, does not depend on how ties are
 ordered).
 """

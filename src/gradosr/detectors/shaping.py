@@ -15,8 +15,17 @@ would output if its penultimate layer had produced shape(h) (DICE shapes the wei
 instead: z' = (W ⊙ M) h + b). For a user model whose head is not the last linear map
 of the network (a nonlinearity or a second layer after it), these methods need the
 true penultimate layer as ``features`` and that final linear map as the head; the
-project's models (``lenet``, ``cnn32``, ``resnet18``) and :func:`gradosr.models.find_head`
-end in one ``nn.Linear`` on post-ReLU features, as the papers assume.
+project's models (``lenet``, ``cnn32``, ``resnet18``) end in one ``nn.Linear`` on their
+penultimate features, the head :func:`gradosr.models.find_head` returns.
+
+The papers assume non-negative (post-ReLU) activations, as ``lenet`` and ``resnet18``
+give; ``cnn32``'s are averages of LeakyReLU(0.2) outputs and can be slightly negative.
+The formulas are applied as written to signed activations, with one guard for ASH-S
+and SCALE: their factor exp(s1/s2) is used where s2 (the sum of the kept activations)
+is > 0, and replaced by 1 where s2 ≤ 0 (for non-negative activations: only h = 0,
+whose shaped vector is 0 whatever the factor). Where s2 > 0 every non-kept entry is at
+most the smallest kept one, which is at most s2/k, so s1/s2 ≤ D/k: the factor never
+overflows and the scores stay finite for any finite activations.
 
 Every computation is in float64, vectorised over the samples. "Top k" per row: the k
 largest entries, ties broken towards the lower index (a stable descending sort), so the
@@ -87,11 +96,11 @@ def top_mask(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def sum_ratio(h: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """s1 / s2 per row: the sum of all activations over the sum of the kept ones (ASH-S
-    and SCALE); 0 where s2 = 0 (for non-negative activations only h = 0, whose shaped
-    vector is 0 whatever the factor)."""
+    and SCALE; at most D/k); 0 (a factor exp(0) = 1) where s2 ≤ 0 (see the module
+    docstring)."""
     s1, s2 = h.sum(dim=1), (h * kept).sum(dim=1)
-    nonzero = s2 != 0
-    return torch.where(nonzero, s1 / torch.where(nonzero, s2, torch.ones_like(s2)), torch.zeros_like(s1))
+    positive = s2 > 0
+    return torch.where(positive, s1 / torch.where(positive, s2, torch.ones_like(s2)), torch.zeros_like(s1))
 
 
 class ShapedEnergy(Scorer):
