@@ -97,7 +97,9 @@ def test_registry_lists_the_presets_then_the_baselines():
     ids = list(METHODS)
     assert ids[:2] == ["paper", "plus"]
     assert [m for m in ids if METHODS[m].kind == "baseline"] == [
-        "msp", "mls", "energy", "odin", "openmax", "mahalanobis", "knn", "gradnorm", "gradunc"]
+        "msp", "mls", "energy", "odin", "openmax", "mahalanobis", "knn", "gradnorm", "gradunc",
+        "vim", "rmds", "fdbd", "nnguide", "gen", "entropy", "klm", "nci", "gmm",
+        "react", "ash_s", "ash_b", "ash_p", "scale", "dice", "she"]
 
 
 def test_missing_input_is_one_clear_error():

@@ -28,6 +28,11 @@ from gradosr.detectors.entropy import Entropy  # isort: skip
 from gradosr.detectors.klm import KLMatching  # isort: skip
 from gradosr.detectors.nci import NCI  # isort: skip
 from gradosr.detectors.gmm import GMM  # isort: skip
+from gradosr.detectors.react import ReAct  # isort: skip
+from gradosr.detectors.ash import AshS, AshB, AshP  # isort: skip
+from gradosr.detectors.scale import Scale  # isort: skip
+from gradosr.detectors.dice import Dice  # isort: skip
+from gradosr.detectors.she import SHE  # isort: skip
 from gradosr.detectors.gradorth import GradOrth  # isort: skip  (components after the baselines)
 from gradosr.detectors.mlp import MLPDetector  # isort: skip
 from gradosr.detectors.fusion import FusedScorer  # isort: skip
@@ -39,4 +44,5 @@ __all__ = [
     "GradUnc", "GradOrth", "MLPDetector", "FusedScorer", "METHODS", "register", "unregister", "method_ids",
     "make_scorer",
     "ViM", "RMDS", "FDBD", "NNGuide", "GEN", "Entropy", "KLMatching", "NCI", "GMM",
+    "ReAct", "AshS", "AshB", "AshP", "Scale", "Dice", "SHE",
 ]

@@ -44,7 +44,7 @@ class Scorer:
     """
 
     method_id: str = ""
-    #: ``logit``, ``feature``, ``gradient`` or ``detector``
+    #: ``logit``, ``feature``, ``activation``, ``gradient`` or ``detector``
     family: str = ""
     #: the paper the method comes from
     paper: str = ""
