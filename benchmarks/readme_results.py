@@ -7,8 +7,9 @@ Usage::
     PYTHONPATH=src python benchmarks/readme_results.py --print  # print the README section only
 
 The section between ``<!-- results:start -->`` and ``<!-- results:end -->`` is replaced:
-per protocol, its heading, the command that produced it, its wall time and the
-benchmark's mean ± std table (:func:`gradosr.evaluation.tables.markdown_table`).
+per protocol, its heading, the command that produced it, its wall time, the five
+methods of highest mean AUROC and the benchmark's mean ± std table
+(:func:`gradosr.evaluation.tables.markdown_table`, grouped by family).
 """
 
 from __future__ import annotations
@@ -47,8 +48,15 @@ def section() -> str:
         doc = json.loads(path.read_text())
         parts += [f"### {title.format(n=len(doc.get('splits', [])))}", "", f"`{doc['command'].replace(str(ROOT) + '/', '')}` (last run {doc.get('seconds', 0):.0f} s on 2 CPU cores, "
                   "reusing the stored classifiers and cached scores)", "",
+                  "Top five by mean AUROC: " + top_five(doc["summary"]) + ".", "",
                   markdown_table(doc["summary"]), ""]
     return "\n".join(parts)
+
+
+def top_five(summary: dict) -> str:
+    """The five methods of highest mean AUROC, ``method mean ± std`` each."""
+    best = sorted(summary, key=lambda m: -summary[m]["auroc"]["mean"])[:5]
+    return ", ".join(f"`{m}` {summary[m]['auroc']['mean']:.3f} ± {summary[m]['auroc']['std']:.3f}" for m in best)
 
 
 def ablation_tables() -> str:

@@ -146,7 +146,7 @@ def scorer_cases(model: nn.Module) -> dict[str, np.ndarray]:
         x = torch.as_tensor(x)
         logits, feats = batched_outputs(model, x, batch_size=32, features=True)
         assert logits.dtype == torch.float64
-        return ScorerInputs(logits, feats, x, model)
+        return ScorerInputs(logits, feats, x, model, model.head.weight.detach(), model.head.bias.detach())
 
     x_train, y_train = make_data(30, seed=0)
     x_test, _ = make_data(7, seed=3, num_classes=10)  # 70 rows, unknowns included
