@@ -46,8 +46,8 @@ def section() -> str:
         if not path.is_file():
             continue
         doc = json.loads(path.read_text())
-        parts += [f"### {title.format(n=len(doc.get('splits', [])))}", "", f"`{doc['command'].replace(str(ROOT) + '/', '')}` (last run {doc.get('seconds', 0):.0f} s on 2 CPU cores, "
-                  "reusing the stored classifiers and cached scores)", "",
+        parts += [f"### {title.format(n=len(doc.get('splits', [])))}", "", f"`{doc['command'].replace(str(ROOT) + '/', '')}` (last run {doc.get('seconds', 0):.0f} s on 2 CPU cores; "
+                  "a rerun reuses the stored classifiers and cached scores)", "",
                   "Top five by mean AUROC: " + top_five(doc["summary"]) + ".", "",
                   markdown_table(doc["summary"]), ""]
     return "\n".join(parts)
