@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import Scorer
+from gradosr.detectors.base import Scorer, float_rows
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.registry import register
 from gradosr.errors import ConfigError, DataError
@@ -38,13 +38,6 @@ def important_subspace(features: torch.Tensor, energy: float = GRADORTH_ENERGY) 
     return vh[:min(r, len(sv))].T.contiguous()
 
 
-def _rows64(outputs: ScorerInputs, name: str) -> torch.Tensor:
-    t = torch.as_tensor(outputs.get(name, "GradOrth")).detach().cpu().to(torch.float64)
-    if t.ndim != 2 or not torch.isfinite(t).all():
-        raise DataError(f"GradOrth: {name} must be a finite N×D matrix, got shape {tuple(t.shape)}")
-    return t
-
-
 @register(kind="component")
 class GradOrth(Scorer):
     method_id = "gradorth"
@@ -61,12 +54,12 @@ class GradOrth(Scorer):
         self.params = {"energy": float(energy), "target": "uniform", "layer": "head"}
 
     def _fit(self, outputs: ScorerInputs, labels) -> None:
-        self.subspace_ = important_subspace(_rows64(outputs, "features"), self.energy)
+        self.subspace_ = important_subspace(torch.from_numpy(float_rows(outputs, "features", "GradOrth")), self.energy)
 
     def score_samples(self, outputs: ScorerInputs) -> np.ndarray:
         """log(‖softmax(z) − 1/K‖₂ ‖Sᵀh‖₂) of logits N×K and features N×D -> N (float64)."""
         self.check_fitted()
-        z, h = _rows64(outputs, "logits"), _rows64(outputs, "features")
+        z, h = (torch.from_numpy(float_rows(outputs, n, "GradOrth")) for n in ("logits", "features"))
         if h.shape[1] != self.subspace_.shape[0]:
             raise DataError(f"feature dimension {h.shape[1]} does not match the fitted {self.subspace_.shape[0]}")
         g = torch.softmax(z, dim=1) - 1.0 / z.shape[1]

@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import Scorer, check_chunk_size, check_labels, class_counts
+from gradosr.detectors.base import Scorer, check_chunk_size, check_labels, class_counts, float_rows
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.registry import register
 from gradosr.errors import CheckpointError, ConfigError, DataError
@@ -49,11 +49,7 @@ _NORM_EPS = 1e-12
 
 
 def _factor(outputs: ScorerInputs, name: str, what: str, normalize: bool) -> torch.Tensor:
-    f = torch.as_tensor(outputs.get(name, f"kNN ({what})")).detach().cpu().to(torch.float64)
-    if f.ndim != 2:
-        raise DataError(f"{what}: {name} must be N×D, got shape {tuple(f.shape)}")
-    if not torch.isfinite(f).all():
-        raise DataError(f"{what}: {name} contain NaN or infinite values")
+    f = torch.from_numpy(float_rows(outputs, name, f"kNN ({what})"))
     return f / f.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS) if normalize else f
 
 

@@ -31,21 +31,11 @@ centred empirical Fisher information.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from gradosr.detectors.base import Scorer, check_chunk_size, check_labels, class_counts
+from gradosr.detectors.base import Scorer, check_chunk_size, check_labels, class_counts, float_rows
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.registry import register
 from gradosr.errors import DataError
-
-
-def _features64(outputs: ScorerInputs, what: str, source: str = "features") -> np.ndarray:
-    f = torch.as_tensor(outputs.get(source, f"Mahalanobis ({what})")).detach().cpu().to(torch.float64).numpy()
-    if f.ndim != 2:
-        raise DataError(f"{what}: features must be N×D, got shape {tuple(f.shape)}")
-    if not np.isfinite(f).all():
-        raise DataError(f"{what}: features contain NaN or infinite values")
-    return f
 
 
 @register
@@ -74,7 +64,7 @@ class Mahalanobis(Scorer):
 
     def _fit(self, outputs: ScorerInputs, labels: np.ndarray) -> None:
         """Class means and the tied covariance's pseudo-inverse square root."""
-        f = _features64(outputs, "fit", self.source)
+        f = float_rows(outputs, self.source, "Mahalanobis (fit)")
         y, k = check_labels(labels, len(f), outputs)
         counts = class_counts(y, k, "Mahalanobis")
         d = f.shape[1]
@@ -105,7 +95,7 @@ class Mahalanobis(Scorer):
     def distances(self, outputs: ScorerInputs) -> np.ndarray:
         """Squared Mahalanobis distances N×K to the class means (float64)."""
         self.check_fitted()
-        f = _features64(outputs, "score", self.source)
+        f = float_rows(outputs, self.source, "Mahalanobis (score)")
         if f.shape[1] != self.means_.shape[1]:
             raise DataError(
                 f"feature dimension {f.shape[1]} does not match the fitted {self.means_.shape[1]}"
