@@ -205,11 +205,9 @@ def list_methods() -> str:
     from dataclasses import replace
 
     from gradosr.detectors.registry import METHODS, family_order, method_ids
-    from gradosr.evaluation.scoring import available_methods
     from gradosr.evaluation.tables import render
     from gradosr.methods.config import config_options, make_config
 
-    available_methods()  # registers the presets
     rows = []
     for m in family_order(method_ids("preset") + method_ids("baseline")):
         info = METHODS[m]

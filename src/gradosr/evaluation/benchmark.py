@@ -38,7 +38,7 @@ from gradosr.checkpoint import FORMAT_VERSION, atomic_write_json, atomic_write_t
 from gradosr.errors import CheckpointError, ConfigError
 from gradosr.evaluation.driver import ExperimentSettings, SplitRun, split_runs
 from gradosr.evaluation.records import results_document
-from gradosr.evaluation.scoring import SplitScores, available_methods, score_split, split_records
+from gradosr.evaluation.scoring import SplitScores, score_split, split_records
 from gradosr.evaluation.tables import markdown_table, write_csv
 from gradosr.detectors.registry import select_methods
 from gradosr.methods.config import DEFAULT_PRESET
@@ -149,7 +149,6 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
 
     layout = settings.layout
     t_start = time.time()
-    available_methods()  # registers the presets
     split_methods = select_methods(settings.methods)
     sets = settings.unknown_sets() if len(settings.unknown_sets()) > 1 else [None]
     state = {u: {"records": [], "scores": {}, "splits": [], "last": {}} for u in sets}

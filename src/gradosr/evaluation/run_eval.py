@@ -10,7 +10,7 @@ from gradosr.classifier import Classifier
 from gradosr.data.protocols import ProtocolSpec, load_protocol
 from gradosr.detectors.registry import method_ids, select_methods
 from gradosr.errors import CheckpointError
-from gradosr.evaluation.scoring import available_methods, score_split, split_records
+from gradosr.evaluation.scoring import score_split, split_records
 from gradosr.runs import RunLayout
 
 
@@ -50,7 +50,6 @@ def evaluate_run(run: Path, methods: list[str] | None, data_dir=None, device="cp
     if methods is None:
         methods = list(fitted) + ["msp"]
     elif any(m == "all" or m.startswith("family:") for m in methods):
-        available_methods()  # registers the presets
         # presets that this run has not fitted are left out of "all" and "family:<name>"
         chosen = select_methods(methods)
         methods = [m for m in chosen if m not in method_ids("preset") or m in fitted or m in methods]

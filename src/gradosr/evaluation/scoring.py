@@ -88,8 +88,6 @@ class SplitScores:
 def available_methods(presets: str | list[str] | None = None) -> list[str]:
     """Method ids: the GradientOSR presets first (``None``: every registered preset),
     then the registered baselines (:mod:`gradosr.detectors.registry`)."""
-    import gradosr.methods  # noqa: F401  (registers the presets)
-
     if presets is None:
         presets = method_ids("preset")
     elif isinstance(presets, str):
