@@ -52,10 +52,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from scipy.optimize import brentq
 
-from gradosr.detectors.base import Scorer, check_chunk_size, check_labels
+from gradosr.detectors.base import Scorer, check_chunk_size, check_labels, float_rows
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.registry import register
 from gradosr.errors import ConfigError, DataError
@@ -65,11 +64,9 @@ EUCLID_SCALE = 200.0
 
 
 def _logits64(outputs: ScorerInputs, what: str) -> np.ndarray:
-    v = torch.as_tensor(outputs.get("logits", f"OpenMax ({what})")).detach().cpu().to(torch.float64).numpy()
-    if v.ndim != 2 or v.shape[1] < 1:
-        raise DataError(f"{what}: logits must be N×K, got shape {tuple(v.shape)}")
-    if not np.isfinite(v).all():
-        raise DataError(f"{what}: logits contain NaN or infinite values")
+    v = float_rows(outputs, "logits", f"OpenMax ({what})")
+    if v.shape[1] < 1:
+        raise DataError(f"OpenMax ({what}): logits must be N×K with K >= 1, got shape {tuple(v.shape)}")
     return v
 
 
