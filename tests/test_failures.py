@@ -65,6 +65,7 @@ from gradosr.images import read_image
 from gradosr.osr import GradientOSR
 from gradosr.train import TrainConfig
 from idx_files import idx_bytes, write_idx
+from image_reference import bilinear, luma
 from tiny_runs import PRE, TRAIN, TRAIN_CONFIG, VAL, K, build_run, crashing_mat, snapshot
 
 
@@ -320,31 +321,6 @@ def test_fewer_than_two_known_classes(tmp_path):
 # -------------------------------------------------------------------- 14-17: inputs
 
 
-def luma(images: np.ndarray) -> np.ndarray:
-    """N×H×W×C uint8 (C = 1, 3 or 4) -> N×H×W float64 grey in [0, 1] (ITU-R BT.601, alpha dropped)."""
-    x = images.astype(np.float64) / 255.0
-    if x.shape[-1] == 1:
-        return x[..., 0]
-    return x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
-
-
-def bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Bilinear resize of H×W with half-pixel centres (align_corners=False), written out."""
-    h, w = img.shape
-
-    def axis(n_in, n_out):
-        src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-        i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
-        i1 = np.minimum(i0 + 1, n_in - 1)
-        return i0, i1, src - i0
-
-    y0, y1, wy = axis(h, out_h)
-    x0, x1, wx = axis(w, out_w)
-    top = img[y0][:, x0] * (1 - wx) + img[y0][:, x1] * wx
-    bottom = img[y1][:, x0] * (1 - wx) + img[y1][:, x1] * wx
-    return top * (1 - wy)[:, None] + bottom * wy[:, None]
-
-
 def by_hand(images: np.ndarray) -> np.ndarray:
     """What the stored preprocessing (28×28 grey, mean = std = 0.5) should make of ``images``."""
     grey = luma(images if images.ndim == 4 else images[..., None])
@@ -436,16 +412,20 @@ def test_predict_reports_bad_files_and_answers_the_others(run, tmp_path, capsys,
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20)
     truncated = imgs / "truncated.jpg"
     truncated.write_bytes(good_jpg.read_bytes()[: len(good_jpg.read_bytes()) // 2])
-    files = [good_png, corrupt, imgs / "missing.png", truncated, imgs, good_jpg]
+    sub = tmp_path / "folder" / "deeper"  # a folder given to predict: its images, recursively
+    sub.mkdir(parents=True)
+    (sub / "x.png").write_bytes(good_png.read_bytes())
+    files = [good_png, corrupt, imgs / "missing.png", truncated, sub.parent, good_jpg]
+    answered = [good_png, corrupt, imgs / "missing.png", truncated, sub / "x.png", good_jpg]
     before = snapshot(run), snapshot(imgs)
 
     code = main(["predict", "--run", str(run), *map(str, files), "--batch-size", "1"])
     out, err = capsys.readouterr()
     assert code == 1 and err == "" and "Traceback" not in out
     rows = [line.split("\t") for line in out.splitlines()]
-    assert [r[0] for r in rows] == [str(f) for f in files]  # every file answered, in order
-    for path, row in zip(files, rows):
-        if path in (good_png, good_jpg):
+    assert [r[0] for r in rows] == [str(f) for f in answered]  # every file answered, in order
+    for path, row in zip(answered, rows):
+        if path in (good_png, good_jpg, sub / "x.png"):
             labels, scores = osr.predict(read_image(path, PRE), return_scores=True)
             assert row[1] == ("unknown" if labels[0] < 0 else str(labels[0]))
             assert float(row[2]) == pytest.approx(scores[0], abs=1e-6)
@@ -532,7 +512,7 @@ def test_confounding_n_ones(run, tmp_path, capsys, osr):
 
 def test_model_without_linear_head():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    with fails(ConfigError, r"model has no nn.Linear classification head"):
+    with fails(ConfigError, r"cannot find the classification head of .*--head NAME"):
         GradientOSR.from_classifier(model)
 
 

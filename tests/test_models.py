@@ -117,9 +117,9 @@ def test_find_head_nested_and_head_attribute_not_linear() -> None:
 
 def test_find_head_without_linear_raises() -> None:
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    with pytest.raises(ConfigError, match="no nn.Linear classification head"):
+    with pytest.raises(ConfigError, match="cannot find the classification head"):
         find_head(model)
-    with pytest.raises(ConfigError, match="no nn.Linear classification head"):
+    with pytest.raises(ConfigError, match="cannot find the classification head"):
         find_head_name(model)
 
 

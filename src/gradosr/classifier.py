@@ -16,6 +16,7 @@ from gradosr.checkpoint import load_tensors, save_tensors
 from gradosr.distributed import map_rows
 from gradosr.errors import CheckpointError, DataError
 from gradosr.models import build_model, eval_mode, find_head
+from gradosr.models.user import is_import_path
 from gradosr.preprocess import Preprocessing
 
 CLASSIFIER_FORMAT = "gradosr.classifier"
@@ -157,11 +158,14 @@ class Classifier:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: nn.Module | None = None,
-             device: str | torch.device = "cpu") -> "Classifier":
+             device: str | torch.device = "cpu", model_ref: str | None = None) -> "Classifier":
         """Load a classifier saved by :meth:`save`.
 
         ``model``: an untrained instance for ``arch == "custom"`` checkpoints (its state
-        dict must match). Raises CheckpointError on any mismatch.
+        dict must match). ``model_ref``: the ``package.module:factory`` the user gave
+        (``--model``) for a classifier whose arch is one: it must equal the recorded one,
+        and only then is the module imported (never because a run folder names it).
+        Raises CheckpointError on any mismatch.
         """
         directory = Path(directory)
         tensors, meta = load_tensors(directory, "model", CLASSIFIER_FORMAT)
@@ -178,7 +182,13 @@ class Classifier:
                 raise CheckpointError(f"{directory} holds a custom model: pass an instance of it as model=")
             if pre is None:
                 raise CheckpointError(f"{directory}/model.json has no preprocessing for arch {arch!r}")
-            model = build_model(arch, k, pre.channels)
+            head = (meta.get("train") or {}).get("head")
+            if is_import_path(arch) and model_ref is None:
+                raise CheckpointError(f"{directory} holds a user model built by {arch}: pass --model {arch} "
+                                      "again (gradosr never imports a module named in a run folder)")
+            if (is_import_path(arch) or is_import_path(model_ref)) and model_ref != arch:
+                raise CheckpointError(f"{directory} holds a model built by {arch}, but --model is {model_ref}")
+            model = build_model(arch, k, pre.channels, head=head)
         try:
             model.load_state_dict(tensors, strict=True)
         except RuntimeError as exc:

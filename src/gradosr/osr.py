@@ -185,6 +185,8 @@ class GradientOSR:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: nn.Module | None = None,
-             device: str | torch.device = "cpu") -> "GradientOSR":
-        """Load what :meth:`save` wrote. ``model``: an instance of a custom architecture."""
-        return persistence.load(cls, directory, model, device)
+             device: str | torch.device = "cpu", model_ref: str | None = None) -> "GradientOSR":
+        """Load what :meth:`save` wrote. ``model``: an instance of a custom architecture;
+        ``model_ref``: the ``package.module:factory`` of a user model, given again (a run
+        folder never makes gradosr import a module)."""
+        return persistence.load(cls, directory, model, device, model_ref)

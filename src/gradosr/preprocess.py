@@ -77,21 +77,43 @@ class Preprocessing:
             raise DataError(f"images must be uint8 (0..255), got {x.dtype}")
         if x.shape[1] < 1 or x.shape[2] < 1:
             raise DataError(f"images must be at least 1×1 pixels, got shape {tuple(x.shape)}")
-        c = x.shape[-1]
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        if c == 4:
-            x, c = x[:, :3], 3
-        if c == 2:
-            x, c = x[:, :1], 1
-        if c not in (1, 3):
-            raise DataError(f"images must have 1, 3 or 4 channels, got {c}")
-        if c == 3 and self.channels == 1:
-            w = torch.tensor(_LUMA, dtype=x.dtype).view(1, 3, 1, 1)
-            x = (x * w).sum(1, keepdim=True)
-        elif c == 1 and self.channels == 3:
-            x = x.expand(-1, 3, -1, -1)
-        if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        x = convert(x.permute(0, 3, 1, 2).float().div_(255.0), self.size, self.channels)
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)
         return ((x - mean) / std).contiguous()
+
+
+def convert(x: torch.Tensor, size: tuple[int, int], channels: int) -> torch.Tensor:
+    """Float images N×C×H×W in [0, 1] (C = 1, 2, 3 or 4) converted to ``channels`` (1 or 3)
+    and resized bilinearly to ``size`` (H, W): alpha dropped (C = 4 -> 3, 2 -> 1),
+    RGB -> grey by ITU-R BT.601 luma, grey -> RGB by repetition. The rule of every
+    conversion in gradosr (model inputs, and images read from folders and arrays)."""
+    c = x.shape[1]
+    if c == 4:
+        x, c = x[:, :3], 3
+    if c == 2:
+        x, c = x[:, :1], 1
+    if c not in (1, 3):
+        raise DataError(f"images must have 1, 3 or 4 channels, got {c}")
+    if c == 3 and channels == 1:
+        w = torch.tensor(_LUMA, dtype=x.dtype).view(1, 3, 1, 1)
+        x = (x * w).sum(1, keepdim=True)
+    elif c == 1 and channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return x
+
+
+def convert_uint8(images: np.ndarray, size: tuple[int, int], channels: int, chunk: int = 1024) -> np.ndarray:
+    """uint8 images N×H×W×C converted by :func:`convert` to N×size×channels uint8
+    (rounded to the nearest integer), in chunks of ``chunk`` images; returned as they
+    are when nothing changes."""
+    if images.shape[1:3] == tuple(size) and images.shape[3] == channels:
+        return images
+    out = np.empty((len(images), *size, channels), np.uint8)
+    for start in range(0, len(images), chunk):
+        x = torch.as_tensor(images[start:start + chunk]).permute(0, 3, 1, 2).float().div_(255.0)
+        y = convert(x, size, channels).mul_(255.0).round_().clamp_(0, 255)
+        out[start:start + chunk] = y.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out

@@ -77,24 +77,35 @@ class RunLayout:
 
 @dataclass(frozen=True)
 class BenchmarkLayout:
-    """A benchmark's (or an ablation's) ``--out``: ``runs/split<S>/`` per split,
-    ``cache/split<S>/`` score caches, ``results.{json,csv,md}`` and ``plots/``; with several
-    unknown sets, their results under ``<unknown dataset>/`` and the runs shared."""
+    """A benchmark's (or an ablation's) ``--out``: ``runs/split<S>/`` per split (random
+    class splits, ``--split-seeds``: ``runs/seed<S>/``), ``cache/split<S>/`` score caches,
+    ``results.{json,csv,md}`` and ``plots/``; with several unknown sets, their results
+    under ``<unknown set>/`` (:func:`set_folder`) and the runs shared."""
 
     root: Path
+    split_prefix: str = "split"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
     def run(self, split: int) -> RunLayout:
-        return RunLayout(self.root / "runs" / f"split{split}")
+        return RunLayout(self.root / "runs" / f"{self.split_prefix}{split}")
 
     def results(self, unknown: str | None = None) -> Path:
         """The folder of results.json, results.csv, results.md, plots/ and cache/."""
-        return self.root if unknown is None else self.root / unknown
+        return self.root if unknown is None else self.root / set_folder(unknown)
 
     def cache(self, split: int, unknown: str | None = None) -> Path:
-        return self.results(unknown) / "cache" / f"split{split}"
+        return self.results(unknown) / "cache" / f"{self.split_prefix}{split}"
+
+
+def set_folder(dataset: str) -> str:
+    """A folder name for the unknown set ``dataset``: its name, or for a path dataset
+    (``folder:/a/b``, ``npz:/a/b.npz``) ``folder-b`` / ``npz-b``."""
+    kind, sep, path = dataset.partition(":")
+    if sep and kind in ("folder", "npz"):
+        return f"{kind}-{Path(path).stem or 'root'}"
+    return Path(dataset).name or "unknown"
 
 
 def training_identity(protocol: dict | None) -> dict | None:
@@ -123,10 +134,14 @@ def identity_mismatch(stored: dict, wanted: dict) -> str | None:
     return None
 
 
-def classifier_identity(spec: ProtocolSpec, config: TrainConfig) -> dict:
+def classifier_identity(spec: ProtocolSpec, config: TrainConfig, weights_sha256: str | None = None) -> dict:
     """What must match for a stored classifier to be reused: what trains it (the known
-    data of the protocol split, the model, training recipe and seed)."""
-    return {"protocol": spec.to_dict(), "train": config.to_dict()}
+    data of the protocol split, the model, training recipe and seed), and the sha256 of
+    the weights it was loaded from (``--weights``), if any."""
+    identity = {"protocol": spec.to_dict(), "train": config.to_dict()}
+    if weights_sha256 is not None:
+        identity["weights_sha256"] = weights_sha256
+    return identity
 
 
 def ensure_classifier(
@@ -137,17 +152,22 @@ def ensure_classifier(
     device: str | torch.device = "cpu",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    weights: str | os.PathLike | None = None,
 ) -> tuple[Classifier, bool]:
-    """Train the closed-set classifier of ``data`` with ``config``, or reuse the one in
+    """Train the closed-set classifier of ``data`` with ``config`` (or load its trained
+    ``weights``, a safetensors file, into ``config.model``), or reuse the one in
     ``out_dir`` when its identity matches.
 
     Returns (classifier, reused). A complete stored classifier of another identity is
     refused (CheckpointError naming the difference); an incomplete one is refused unless
     ``resume``. The known-test accuracy is stored in the metadata as ``test_acc``.
     """
-    identity = classifier_identity(data.spec, config)
+    from gradosr.models.user import weights_sha256
+
+    sha = weights_sha256(weights) if weights is not None else None
+    identity = classifier_identity(data.spec, config, sha)
     if out_dir is not None and (Path(out_dir) / "model.json").is_file():
-        stored = Classifier.load(out_dir, device=device)
+        stored = Classifier.load(out_dir, device=device, model_ref=config.model)
         reason = identity_mismatch(stored.meta, identity)
         if reason:
             raise CheckpointError(f"{out_dir} holds another classifier: {reason}. Use another --out/--run "
@@ -159,14 +179,53 @@ def ensure_classifier(
             raise CheckpointError(f"{out_dir} holds an unfinished training run (epoch "
                                   f"{stored.meta.get('epoch')}/{config.epochs}): pass --resume to continue it")
     pre = default_preprocessing(data.spec.dataset, config.model, config.image_size)
-    clf = train_classifier(
-        data.known_train, data.val, list(data.spec.known), config, pre, out_dir=out_dir, resume=resume,
-        progress=progress, device=device, meta={"protocol": data.spec.to_dict()},
-        class_names=list(data.class_names), log=log,
-    )
+    if weights is not None:
+        clf = pretrained_classifier(data, config, pre, weights, device)
+    else:
+        clf = train_classifier(
+            data.known_train, data.val, list(data.spec.known), config, pre, out_dir=out_dir, resume=resume,
+            progress=progress, device=device, meta={"protocol": data.spec.to_dict()},
+            class_names=list(data.class_names), log=log,
+        )
     x_test = clf.inputs(data.known_test.images)
     clf.meta["test_acc"] = accuracy(clf.model, x_test, torch.as_tensor(data.known_test.labels))
-    clf.meta["val_acc"] = clf.meta["history"][-1]["val_acc"] if clf.meta.get("history") else None
+    if clf.meta.get("history"):
+        clf.meta["val_acc"] = clf.meta["history"][-1]["val_acc"]
+    elif weights is not None:
+        clf.meta["val_acc"] = accuracy(clf.model, clf.inputs(data.val.images), torch.as_tensor(data.val.labels))
+    else:
+        clf.meta["val_acc"] = None
     if out_dir is not None:
         clf.save(out_dir)
     return clf, False
+
+
+def pretrained_classifier(data: OSRData, config: TrainConfig, pre, weights: str | os.PathLike,
+                          device: str | torch.device = "cpu") -> Classifier:
+    """``config.model`` (built-in or ``package.module:factory``) with the trained weights of
+    the safetensors file ``weights`` (``--weights``), as the protocol's classifier; its
+    metadata records the file and its sha256."""
+    from gradosr.models import build_model
+    from gradosr.models.user import load_weights
+
+    model = build_model(config.model, data.num_known, pre.channels, head=config.head)
+    sha = load_weights(model, weights)
+    meta = {"protocol": data.spec.to_dict(), "train": config.to_dict(), "weights_sha256": sha,
+            "weights_path": str(Path(weights).resolve()), "complete": True}
+    return Classifier(model.to(device).eval(), config.model, pre, list(data.spec.known), list(data.class_names), meta)
+
+
+def check_weights(clf: Classifier, weights: str | os.PathLike | None) -> None:
+    """CheckpointError unless the file ``weights`` (``--weights`` of evaluate/predict) is the
+    one the run's classifier was loaded from (by sha256); nothing to check without it."""
+    from gradosr.models.user import weights_sha256
+
+    if weights is None:
+        return
+    recorded, sha = clf.meta.get("weights_sha256"), weights_sha256(weights)
+    if recorded is None:
+        raise CheckpointError("this run's classifier was trained by gradosr, not loaded from --weights; "
+                              "leave --weights out")
+    if recorded != sha:
+        raise CheckpointError(f"--weights {weights} (sha256 {sha[:12]}…) is not the file this run was fitted with "
+                              f"({clf.meta.get('weights_path')}, sha256 {recorded[:12]}…)")

@@ -51,7 +51,8 @@ class TrainConfig:
     """Closed-set training recipe (recorded in every checkpoint).
 
     Attributes:
-        model: architecture name (``lenet``, ``cnn32``, ``resnet18``).
+        model: architecture name (``lenet``, ``cnn32``, ``resnet18``), or a user model's
+            ``package.module:factory`` (:mod:`gradosr.models.user`).
         epochs, batch_size: as usual.
         optimizer: ``adam`` or ``sgd`` (momentum ``momentum``).
         lr, weight_decay: learning rate and L2 weight decay.
@@ -61,6 +62,9 @@ class TrainConfig:
         seed: initialisation, shuffling, augmentation and dropout seed.
         image_size: side of the (square) model input; None = the default rule of
             :func:`default_preprocessing` (e.g. 64 keeps TinyImageNet at full size).
+        head: the name of the model's classification layer when it cannot be found
+            (``--head``, :func:`gradosr.models.set_head`); None: found by the rule of
+            :mod:`gradosr.models.heads`.
     """
 
     model: str = "lenet"
@@ -74,6 +78,7 @@ class TrainConfig:
     augment: str = "none"
     seed: int = 0
     image_size: int | None = None
+    head: str | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
@@ -113,13 +118,18 @@ def default_train_config(dataset: str, **overrides) -> TrainConfig:
 
 
 def default_preprocessing(dataset: str, model: str, image_size: int | None = None) -> Preprocessing:
-    """``image_size`` when given; else 28×28 for lenet on 28×28 data and 32×32 otherwise
-    (TinyImageNet included); the dataset's channel count."""
+    """``image_size`` when given; else 28×28 for lenet on 28×28 data, the dataset's own
+    size for a user model (``package.module:factory``) and 32×32 otherwise (TinyImageNet
+    included); the dataset's channel count."""
+    from gradosr.models.user import is_import_path
+
     info = dataset_info(dataset)
     if image_size is not None:
         size = (image_size, image_size)
+    elif is_import_path(model) or (model == "lenet" and info.image_size == (28, 28)):
+        size = info.image_size
     else:
-        size = info.image_size if (model == "lenet" and info.image_size == (28, 28)) else (32, 32)
+        size = (32, 32)
     return Preprocessing.default(size, info.channels)
 
 
@@ -229,7 +239,7 @@ def train_classifier(
         if preprocessing is None:
             raise ConfigError("training a built-in architecture needs a preprocessing")
         torch.manual_seed(config.seed)
-        model = build_model(config.model, k, preprocessing.channels)
+        model = build_model(config.model, k, preprocessing.channels, head=config.head)
     model.to(device)
     opt = _make_optimizer(model, config)
     history: list[dict] = []

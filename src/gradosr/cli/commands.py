@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from gradosr.cli.method_flags import method_options as _method_options
-from gradosr.errors import ConfigError, GradOSRError
+from gradosr.errors import ConfigError
 from gradosr.runs import RunLayout
 
 
@@ -33,11 +33,18 @@ def _train_config_from_args(args, dataset: str):
 
     return default_train_config(dataset, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
                                 optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                                image_size=args.image_size)
+                                image_size=args.image_size, head=args.head)
+
+
+def _load_protocol(args, spec):
+    from gradosr.data.protocols import load_protocol
+
+    return load_protocol(spec, args.data_dir, image_size=args.image_size, strict=args.strict)
 
 
 def cmd_datasets(args) -> int:
     from gradosr.data.registry import DATASETS, data_root, locate_dataset
+    from gradosr.data.synthetic import GENERATORS, PREFIX
 
     root = data_root(args.data_dir)
     print(f"data root: {root.resolve()} (set with --data-dir or GRADOSR_DATA)")
@@ -48,6 +55,11 @@ def cmd_datasets(args) -> int:
         else:
             status = f"missing   {info.how_to_get}"
         print(f"  {name:<14} {status}")
+    print("synthetic outlier sets (--protocol cross --unknown-dataset NAME; generated from the seed, no download):")
+    for name, gen in GENERATORS.items():
+        print(f"  {PREFIX + name:<22} {gen.description} ({gen.source})")
+    print("your own data, wherever a dataset name is accepted: folder:PATH (PATH/<class>/*.png|jpg|jpeg|bmp|webp, "
+          "optional train/ and test/), npz:PATH (x_train, y_train, x_test, y_test or x, y), or an existing path")
     from gradosr.distributed import init_distributed, world_size
 
     device = init_distributed(args.device)
@@ -57,7 +69,6 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from gradosr.data.protocols import load_protocol
     from gradosr.distributed import init_distributed
     from gradosr.runs import ensure_classifier
 
@@ -65,7 +76,7 @@ def cmd_train(args) -> int:
     config = _train_config_from_args(args, spec.dataset)
     out = _out_folder(args.out) / "classifier"
     device = init_distributed(args.device)
-    data = load_protocol(spec, args.data_dir)
+    data = _load_protocol(args, spec)
     print(f"protocol {spec.label}: known {list(spec.known)}, unknown {list(spec.unknown)}; "
           f"{len(data.known_train)} train / {len(data.val)} val / {len(data.known_test)} known test images")
     print(f"training {config.model} on {device}: {config.to_dict()}")
@@ -81,7 +92,6 @@ def cmd_train(args) -> int:
 
 def cmd_fit(args) -> int:
     from gradosr.checkpoint import read_json
-    from gradosr.data.protocols import load_protocol
     from gradosr.distributed import init_distributed
     from gradosr.osr import GradientOSR, make_config
     from gradosr.runs import identity_mismatch
@@ -93,15 +103,27 @@ def cmd_fit(args) -> int:
     out = _out_folder(args.out)
     if (out / "osr.json").is_file():
         stored = read_json(out / "osr.json")
-        if identity_mismatch(stored, {"config": method.to_dict(), "train": config.to_dict()}) is None:
+        same = identity_mismatch(stored, {"config": method.to_dict(), "train": config.to_dict()}) is None
+        if same and args.weights is not None:
+            from gradosr.models.user import weights_sha256
+
+            clf_json = RunLayout(out).classifier / "model.json"
+            same = clf_json.is_file() and read_json(clf_json).get("weights_sha256") == weights_sha256(args.weights)
+        if same:
             print(f"{out} already holds this fitted method; nothing to do (gradosr evaluate {out})")
             return 0
     device = init_distributed(args.device)
-    data = load_protocol(spec, args.data_dir)
+    data = _load_protocol(args, spec)
     print(f"protocol {spec.label}: known {list(spec.known)}, unknown {list(spec.unknown)}")
     t0 = time.time()
-    osr = GradientOSR(args.preset, train_config=config, device=device, progress=not args.no_progress,
-                      seed=args.seed, **options)
+    classifier = None
+    if args.weights is not None:
+        from gradosr.runs import ensure_classifier
+
+        classifier, _ = ensure_classifier(data, config, RunLayout(out).classifier, device=device,
+                                          progress=not args.no_progress, weights=args.weights)
+    osr = GradientOSR(args.preset, classifier=classifier, train_config=config, device=device,
+                      progress=not args.no_progress, seed=args.seed, **options)
     osr.fit(data, run_dir=out)
     if osr.config_.method == "fusion":
         detail = f"signals {', '.join(osr.config_.fusion.signals)} (k = {osr.method_.detector_.k_})"
@@ -115,45 +137,12 @@ def cmd_fit(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from gradosr.distributed import init_distributed
-    from gradosr.images import read_image
-    from gradosr.osr import GradientOSR
+    from gradosr.cli.predictions import predict_files
 
-    run, files = _run_folder(args, args.paths)
-    if not files:
-        raise ConfigError("predict needs image files after the run folder: gradosr predict RUN FILE [FILE ...]")
-    osr = GradientOSR.load(run, device=init_distributed(args.device))
-    clf = osr.classifier_
-    failed = 0
-    ok: list[tuple[str, object]] = []
-
-    def flush() -> None:
-        if not ok:
-            return
-        import torch
-
-        labels, scores = osr.predict(torch.cat([x for _, x in ok]), return_scores=True)
-        for (path, _), label, score in zip(ok, labels, scores):
-            if label < 0:
-                text = "unknown"
-            else:
-                cid, name = clf.class_ids[label], clf.class_names[label]
-                text = str(cid) if name == str(cid) else f"{cid} ({name})"
-            print(f"{path}\t{text}\t{score:.6f}", flush=True)
-        ok.clear()
-
-    for path in files:
-        try:
-            ok.append((path, clf.inputs(read_image(path, clf.preprocessing))))
-        except GradOSRError as exc:
-            flush()
-            failed += 1
-            print(f"{path}\terror\t{exc}", flush=True)
-            continue
-        if len(ok) >= args.batch_size:
-            flush()
-    flush()
-    return 1 if failed else 0
+    run, paths = _run_folder(args, args.paths)
+    if not paths:
+        raise ConfigError("predict needs image files or folders after the run folder: gradosr predict RUN PATH [PATH ...]")
+    return predict_files(run, paths, args)
 
 
 def _protocol_options(args) -> dict:
@@ -162,15 +151,25 @@ def _protocol_options(args) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
+def _split_options(args) -> dict:
+    """``splits`` and ``random_splits`` of --splits or --split-seeds (benchmark, ablate)."""
+    from gradosr.data.protocols import parse_index_list
+
+    if args.split_seeds is not None:
+        if args.splits is not None:
+            raise ConfigError("give either --splits or --split-seeds, not both")
+        return {"splits": parse_index_list(args.split_seeds, "--split-seeds"), "random_splits": True}
+    return {"splits": parse_index_list(args.splits or "0-4", "--splits"), "random_splits": False}
+
+
 def _train_overrides(args) -> dict:
     """The training options given on the command line (benchmark, ablate; the seed apart)."""
-    keys = ("model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "image_size")
+    keys = ("model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "image_size", "head")
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
 def cmd_benchmark(args) -> int:
     from gradosr.evaluation.benchmark import BenchmarkSettings, run_benchmark
-    from gradosr.data.protocols import parse_index_list
     from gradosr.distributed import init_distributed
     from gradosr.evaluation.tables import format_table
 
@@ -179,12 +178,10 @@ def cmd_benchmark(args) -> int:
         return 0
     if args.out is None:
         raise ConfigError("benchmark needs --out (the report folder)")
-    if args.split is not None or args.split_seed is not None:
-        raise ConfigError("benchmark takes --splits (e.g. 0-4), not --split/--split-seed")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = BenchmarkSettings(
-        protocol=args.protocol, splits=parse_index_list(args.splits, "--splits"), methods=methods,
-        out=_out_folder(args.out),
+        protocol=args.protocol, **_split_options(args), methods=methods, out=_out_folder(args.out),
+        weights=args.weights, strict=args.strict,
         protocol_args=_protocol_options(args), train_overrides=_train_overrides(args),
         seed=args.seed, preset=args.preset, method_options=_method_options(args), data_dir=args.data_dir,
         device=init_distributed(args.device), progress=not args.no_progress, command=_command_line(args),
@@ -222,16 +219,13 @@ def list_methods() -> str:
 
 def cmd_ablate(args) -> int:
     from gradosr.evaluation.ablation import AblationSettings, run_ablation, select_variants
-    from gradosr.data.protocols import parse_index_list
     from gradosr.distributed import init_distributed
 
-    if args.split is not None or args.split_seed is not None:
-        raise ConfigError("ablate takes --splits (e.g. 0-4), not --split/--split-seed")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     select_variants(names)  # unknown names fail before any work
     settings = AblationSettings(
-        protocol=args.protocol, splits=parse_index_list(args.splits, "--splits"), variants=names,
-        out=_out_folder(args.out),
+        protocol=args.protocol, **_split_options(args), variants=names, out=_out_folder(args.out),
+        strict=args.strict,
         protocol_args=_protocol_options(args), train_overrides=_train_overrides(args),
         seed=args.seed, data_dir=args.data_dir, device=init_distributed(args.device), progress=not args.no_progress,
         command=_command_line(args))
@@ -262,7 +256,7 @@ def cmd_evaluate(args) -> int:
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     run, _ = _run_folder(args)
     records, info = evaluate_run(run, methods, data_dir=args.data_dir, device=init_distributed(args.device),
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, model_ref=args.model, weights=args.weights)
     doc = results_document(_command_line(args), records, info)
     out = Path(args.json) if args.json else RunLayout(run).eval_json
     atomic_write_json(out, doc)

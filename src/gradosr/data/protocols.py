@@ -30,8 +30,11 @@ from importlib import resources
 
 import numpy as np
 
+from gradosr.data.by_path import canonical_name, check_labelled
 from gradosr.data.imageset import ImageSet
-from gradosr.data.registry import dataset_info, load_dataset
+from gradosr.data.registry import DATASETS, dataset_info, load_dataset
+from gradosr.data.synthetic import generate, is_synthetic
+from gradosr.preprocess import convert_uint8
 from gradosr.errors import ConfigError, DataError
 
 VALIDATION_FRACTION = 0.2
@@ -140,6 +143,18 @@ def parse_index_list(text: str, what: str = "list") -> list[int]:
     return out
 
 
+def canonical_dataset(name: str) -> str:
+    """The name a protocol records for dataset ``name``: a registered name as it is (it
+    wins over a folder of that name), a path as ``folder:/abs/path`` or
+    ``npz:/abs/path.npz``, a synthetic set as it is; ConfigError for anything else."""
+    if name in DATASETS:
+        return name
+    canonical = canonical_name(str(name))
+    if canonical is None:
+        dataset_info(name)  # the error listing the known names
+    return canonical
+
+
 def _check_classes(known, unknown, n_known_ds: int, n_unknown_ds: int, same_dataset: bool) -> None:
     for what, ids, n in (("known", known, n_known_ds), ("unknown", unknown, n_unknown_ds)):
         bad = [c for c in ids if not 0 <= c < n]
@@ -176,10 +191,14 @@ def resolve_protocol(
         known = parse_class_list(known)
     if isinstance(unknown, str):
         unknown = parse_class_list(unknown)
+    dataset, known_dataset, unknown_dataset = (None if d is None else canonical_dataset(d)
+                                               for d in (dataset, known_dataset, unknown_dataset))
     if name == "custom" or (name is None and dataset is not None):
         if dataset is None or known is None or unknown is None:
             raise ConfigError("the custom protocol needs --dataset, --known and --unknown")
-        n = dataset_info(dataset).num_classes
+        info = dataset_info(dataset)
+        check_labelled(info, "--dataset of --protocol custom")
+        n = info.num_classes
         _check_classes(known, unknown, n, n, True)
         if split is not None and split_seed is not None:
             raise ConfigError("give either --split or --split-seed, not both")
@@ -192,6 +211,7 @@ def resolve_protocol(
         if known_dataset == unknown_dataset:
             raise ConfigError("the cross protocol needs two different datasets")
         ka, ub = dataset_info(known_dataset), dataset_info(unknown_dataset)
+        check_labelled(ka, "--known-dataset")
         seed = 0 if split is None else int(split)
         return ProtocolSpec("cross", known_dataset, tuple(range(ka.num_classes)),
                             tuple(range(ub.num_classes)), unknown_dataset, split=seed, seed=seed)
@@ -263,30 +283,46 @@ def _select(data: ImageSet, classes: tuple[int, ...], remap: bool, what: str) ->
     return picked
 
 
-def load_protocol(spec: ProtocolSpec, data_dir: str | os.PathLike | None = None) -> OSRData:
-    """Load the images of ``spec`` (see :class:`OSRData`)."""
+def load_protocol(spec: ProtocolSpec, data_dir: str | os.PathLike | None = None, image_size: int | None = None,
+                  strict: bool = False) -> OSRData:
+    """Load the images of ``spec`` (see :class:`OSRData`).
+
+    ``image_size``, ``strict``: how path datasets are read (:func:`load_dataset`). In a
+    ``cross`` protocol the unknown images are converted to the known images' H×W×C
+    (:func:`gradosr.preprocess.convert_uint8`), and a synthetic set is generated with
+    the split's seed, as many images as the known test set.
+    """
     from sklearn.model_selection import train_test_split
 
-    train, test = load_dataset(spec.dataset, data_dir)
-    if spec.unknown_dataset == spec.dataset:
-        u_test = test
-    else:
-        u_test = load_dataset(spec.unknown_dataset, data_dir)[1]
+    train, test = load_dataset(spec.dataset, data_dir, image_size, strict)
     known_train = _select(train, spec.known, True, f"{spec.dataset} train")
     known_test = _select(test, spec.known, True, f"{spec.dataset} test")
+    if is_synthetic(spec.unknown_dataset):
+        images = generate(spec.unknown_dataset, known_test.images, spec.seed)
+        unknown_test = ImageSet(images, np.full(len(images), -1, np.int64))
+    elif spec.unknown_dataset == spec.dataset:
+        unknown_test = _select(test, spec.unknown, False, f"{spec.unknown_dataset} test")
+    else:
+        unknown_test = load_dataset(spec.unknown_dataset, data_dir, image_size, strict)[1]
     if spec.name == "cross":
-        unknown_test = u_test
         rng = np.random.default_rng(spec.seed)
         n = min(len(known_test), len(unknown_test))
         if len(unknown_test) > n:
             unknown_test = unknown_test.subset(np.sort(rng.choice(len(unknown_test), n, replace=False)))
         if len(known_test) > n:
             known_test = known_test.subset(np.sort(rng.choice(len(known_test), n, replace=False)))
-    else:
-        unknown_test = _select(u_test, spec.unknown, False, f"{spec.unknown_dataset} test")
+        h, w, c = known_test.images.shape[1:]
+        unknown_test = ImageSet(convert_uint8(unknown_test.images, (h, w), c), unknown_test.labels)
+    elif spec.unknown_dataset != spec.dataset:
+        unknown_test = _select(unknown_test, spec.unknown, False, f"{spec.unknown_dataset} test")
     counts = np.bincount(known_train.labels, minlength=spec.num_known)
     if counts.min() < 2:
         raise DataError(f"every known class needs at least 2 training images for the validation split, got {counts.tolist()}")
+    n_val = int(np.ceil(VALIDATION_FRACTION * len(known_train)))
+    if min(n_val, len(known_train) - n_val) < spec.num_known:
+        raise DataError(f"{len(known_train)} known training images are too few for a stratified "
+                        f"{VALIDATION_FRACTION:.0%} validation split of {spec.num_known} classes: every class needs "
+                        f"about {int(np.ceil(1 / VALIDATION_FRACTION))} or more")
     idx_train, idx_val = train_test_split(
         np.arange(len(known_train)), test_size=VALIDATION_FRACTION,
         stratify=known_train.labels, random_state=spec.seed,

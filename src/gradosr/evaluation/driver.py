@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from gradosr.classifier import Classifier
+from gradosr.errors import ConfigError
 from gradosr.data.protocols import OSRData, ProtocolSpec, load_protocol, resolve_protocol
 from gradosr.progress import progress_bar
 from gradosr.runs import BenchmarkLayout, RunLayout, ensure_classifier
@@ -34,9 +35,13 @@ class ExperimentSettings:
             arguments (dataset, known, unknown, known_dataset, unknown_dataset; for
             ``cross`` a comma-separated ``unknown_dataset`` lists several unknown sets).
         splits: standard split indices (for ``cross`` and ``custom``: seeds, which
-            also seed the training).
+            also seed the training); with ``random_splits`` the seeds of random 6/4
+            class splits (``--split-seeds``, ``resolve_protocol(split_seed=…)``).
         train_overrides: training options that differ from the dataset's defaults.
         seed: training seed of the standard protocols.
+        strict: refuse unreadable files of a folder dataset (else skipped).
+        weights: a trained classifier's safetensors file (``--weights``) used instead of
+            training; one split only.
     """
 
     protocol: str
@@ -49,10 +54,18 @@ class ExperimentSettings:
     device: str | torch.device = "cpu"
     progress: bool = True
     command: str = ""
+    random_splits: bool = False
+    strict: bool = False
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and len(self.splits) > 1:
+            raise ConfigError(f"--weights is one trained classifier, for one split; got splits {self.splits}: "
+                              "pass a single split")
 
     @property
     def layout(self) -> BenchmarkLayout:
-        return BenchmarkLayout(Path(self.out))
+        return BenchmarkLayout(Path(self.out), "seed" if self.random_splits else "split")
 
     def unknown_sets(self) -> list[str | None]:
         """The unknown datasets of a ``cross`` protocol (None: the protocol's own unknowns)."""
@@ -81,14 +94,15 @@ def split_runs(settings: ExperimentSettings, bar: bool = True) -> Iterator[Split
     """The splits of ``settings``, one after another (a progress bar over splits with ``bar``)."""
     sets = settings.unknown_sets()
     for split in progress_bar(settings.splits, desc="splits", disable=not (bar and settings.progress), unit="split"):
-        specs = [resolve_protocol(settings.protocol, split=split,
+        which = {"split_seed": split} if settings.random_splits else {"split": split}
+        specs = [resolve_protocol(settings.protocol, **which,
                                   **({**settings.protocol_args, "unknown_dataset": u} if u else settings.protocol_args))
                  for u in sets]
         spec = specs[0]
         seed = spec.seed if spec.name in ("cross", "custom") else settings.seed
         config = default_train_config(spec.dataset, **{**settings.train_overrides, "seed": seed})
-        data = [load_protocol(s, settings.data_dir) for s in specs]
+        data = [load_protocol(s, settings.data_dir, config.image_size, settings.strict) for s in specs]
         run = settings.layout.run(split)
         clf, _ = ensure_classifier(data[0], config, run.classifier, device=settings.device,
-                                   progress=settings.progress)
+                                   progress=settings.progress, weights=settings.weights)
         yield SplitRun(split, sets if len(sets) > 1 else [None], specs, data, config, clf, run)

@@ -11,42 +11,45 @@ from gradosr.data.protocols import ProtocolSpec, load_protocol
 from gradosr.detectors.registry import method_ids, select_methods
 from gradosr.errors import CheckpointError
 from gradosr.evaluation.scoring import score_split, split_records
-from gradosr.runs import RunLayout
+from gradosr.runs import RunLayout, check_weights
 
 
-def fitted_presets(run: Path, device="cpu") -> dict:
+def fitted_presets(run: Path, device="cpu", model_ref: str | None = None) -> dict:
     """{preset: GradientOSR} of every fitted method stored in the run folder."""
     from gradosr.osr import GradientOSR
 
     layout, found = RunLayout(run), {}
     if layout.is_fitted():
-        osr = GradientOSR.load(layout.root, device=device)
+        osr = GradientOSR.load(layout.root, device=device, model_ref=model_ref)
         found[osr.config_.preset] = osr
     for preset in method_ids("preset"):
         folder = RunLayout(layout.root / preset)
         if preset not in found and folder.is_fitted():
-            found[preset] = GradientOSR.load(folder.root, device=device)
+            found[preset] = GradientOSR.load(folder.root, device=device, model_ref=model_ref)
     return found
 
 
 def evaluate_run(run: Path, methods: list[str] | None, data_dir=None, device="cpu",
-                 progress: bool = True) -> tuple[list[dict], dict]:
+                 progress: bool = True, model_ref: str | None = None, weights=None) -> tuple[list[dict], dict]:
     """Results records for ``methods`` on the run's protocol split (``gradosr evaluate``).
 
     A GradientOSR preset needs ``<run>/osr.json`` from ``gradosr fit`` (or
     ``<run>/<preset>/osr.json``, as ``gradosr benchmark`` stores presets other than
     ``paper``); the baselines need only the classifier. Default methods: the fitted
-    presets and ``msp``. Returns (records, info) with the protocol and classifier metadata.
+    presets and ``msp``. ``model_ref``/``weights``: the ``--model`` and ``--weights`` of a
+    run whose classifier is a user model / was loaded from weights, checked against the
+    run's record. Returns (records, info) with the protocol and classifier metadata.
     """
 
     run = check_folder(run, "a run folder (classifier/, osr.json)")
     clf_dir = RunLayout(run).classifier
     if not (clf_dir / "model.json").is_file():
         raise CheckpointError(f"{run} has no trained classifier ({clf_dir}/model.json); run gradosr train or fit first")
-    clf = Classifier.load(clf_dir, device=device)
+    clf = Classifier.load(clf_dir, device=device, model_ref=model_ref)
     if not clf.meta.get("complete"):
         raise CheckpointError(f"{clf_dir} holds an unfinished training run; finish it with gradosr train --resume")
-    fitted = fitted_presets(run, device)
+    check_weights(clf, weights)
+    fitted = fitted_presets(run, device, model_ref)
     if methods is None:
         methods = list(fitted) + ["msp"]
     elif any(m == "all" or m.startswith("family:") for m in methods):
@@ -58,7 +61,7 @@ def evaluate_run(run: Path, methods: list[str] | None, data_dir=None, device="cp
         raise CheckpointError(f"{run} has no fitted {missing[0]} method (osr.json): run "
                               f"gradosr fit --preset {missing[0]} --out {run} first")
     spec = ProtocolSpec.from_dict(clf.meta["protocol"])
-    data = load_protocol(spec, data_dir)
+    data = load_protocol(spec, data_dir, image_size=(clf.meta.get("train") or {}).get("image_size"))
     y_true, closed_pred, scores = score_split(clf, data, methods, fitted, progress)
     info = {"protocol": spec.to_dict(),
             "classifier": {k: clf.meta.get(k) for k in ("arch", "train", "test_acc", "val_acc")},

@@ -54,9 +54,11 @@ def save(osr, directory: str | os.PathLike) -> None:
     })
 
 
-def load(cls, directory: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu"):
+def load(cls, directory: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu",
+         model_ref: str | None = None):
     """The GradientOSR (class ``cls``) that :func:`save` wrote; ``model``: an instance of
-    a custom architecture."""
+    a custom architecture; ``model_ref``: the ``--model package.module:factory`` of a
+    user model (:meth:`gradosr.classifier.Classifier.load`)."""
     directory = check_folder(directory, "a run folder (osr.json, classifier/, detector/)")
     run = RunLayout(directory)
     meta = read_json(run.osr_json)
@@ -67,7 +69,7 @@ def load(cls, directory: str | os.PathLike, model: nn.Module | None = None, devi
         raise CheckpointError(f"{directory} was written by a newer gradosr (format version "
                               f"{meta.get('format_version')}); upgrade gradosr to read it")
     config = OSRConfig.from_dict(meta["config"])
-    clf = Classifier.load(run.classifier, model=model, device=device)
+    clf = Classifier.load(run.classifier, model=model, device=device, model_ref=model_ref)
     tensors, dmeta = load_tensors(run.detector, "detector", DETECTOR_FORMAT)
     try:
         if meta.get("layout", 1) == 1:

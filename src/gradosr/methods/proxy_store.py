@@ -62,7 +62,7 @@ class ProxyStore:
             return _proxy_model(classifier, train_config, proxy_factory, len(keep), device) if custom else None
 
         if out is not None and (out / "model.json").is_file():
-            stored = Classifier.load(out, model=new_model(), device=device)
+            stored = Classifier.load(out, model=new_model(), device=device, model_ref=train_config.model)
             reason = identity_mismatch(stored.meta, wanted)
             if reason is None and stored.meta.get("complete"):
                 return stored

@@ -8,7 +8,7 @@ Every built-in model takes ``(num_classes, in_channels=1)``, has a ``head``
 from __future__ import annotations
 
 from gradosr.models.cnn32 import CNN32
-from gradosr.models.heads import eval_mode, find_head, find_head_name, reset_parameters, resize_head
+from gradosr.models.heads import eval_mode, find_head, find_head_name, reset_parameters, resize_head, set_head
 from gradosr.models.lenet import LeNet
 from gradosr.models.registry import available_models, build_model
 from gradosr.models.resnet import BasicBlock, ResNet18
@@ -19,6 +19,7 @@ __all__ = [
     "eval_mode",
     "find_head",
     "find_head_name",
+    "set_head",
     "resize_head",
     "reset_parameters",
     "LeNet",

@@ -1,7 +1,15 @@
 """Utilities that work on any PyTorch classifier: locate, resize and re-initialise.
 
-The *classification head* of a model is ``model.head`` when that is an ``nn.Linear``,
-otherwise the last ``nn.Linear`` in ``model.named_modules()`` order.
+The *classification head* of a model is an ``nn.Linear`` whose input is the penultimate
+feature vector. :func:`find_head_name` looks, in this order, for:
+
+1. the layer named by :func:`set_head` (``--head NAME``);
+2. the attributes ``head``, ``fc``, ``classifier``, ``last_linear`` (the built-in
+   models, torchvision's ResNet/DenseNet/VGG/EfficientNet/MobileNet/ConvNeXt, timm's
+   ``head`` or ``head.fc``, pretrainedmodels): the attribute itself when it is an
+   ``nn.Linear``, else the last ``nn.Linear`` inside it (``classifier =
+   Sequential(Dropout, Linear)``);
+3. the last ``nn.Linear`` of the model (a final ``nn.Linear`` in a ``Sequential``).
 """
 
 from __future__ import annotations
@@ -16,30 +24,63 @@ from torch.nn.modules.batchnorm import _NormBase
 from gradosr.errors import ConfigError
 from gradosr.models._common import check_num_classes
 
+#: attributes searched for the head, in order
+HEAD_ATTRIBUTES = ("head", "fc", "classifier", "last_linear")
+#: the plain attribute (not a parameter or buffer) where set_head records a chosen head
+_HEAD_NAME = "gradosr_head_name"
+
+
+def set_head(model: nn.Module, name: str) -> nn.Module:
+    """Make the ``nn.Linear`` named ``name`` (as in ``model.named_modules()``) the head
+    that :func:`find_head_name` returns; ConfigError naming the Linear layers otherwise."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        sub = model.get_submodule(name)
+    except AttributeError:
+        sub = None
+    if not isinstance(sub, nn.Linear):
+        what = "is no submodule" if sub is None else f"is a {type(sub).__name__}, not an nn.Linear"
+        raise ConfigError(f"--head {name!r} {what} of {type(model).__name__}; its nn.Linear layers: "
+                          f"{', '.join(linears) or 'none'}")
+    object.__setattr__(model, _HEAD_NAME, name)
+    return model
+
+
+def _last_linear(module: nn.Module, prefix: str = "") -> str | None:
+    found = None
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear):
+            found = f"{prefix}.{name}" if prefix and name else (prefix or name)
+    return found
+
 
 def find_head_name(module: nn.Module) -> str:
-    """Return the qualified name of the classification head of ``module``.
+    """Return the qualified name of the classification head of ``module`` (the rule of
+    the module docstring).
 
     The name is the one used by ``module.named_modules()`` (e.g. ``"head"`` or
     ``"classifier.2"``), so the head's parameters appear in ``named_parameters()`` as
     ``f"{name}.weight"`` and ``f"{name}.bias"``.
 
     Raises:
-        ConfigError: the model contains no ``nn.Linear``.
+        ConfigError: the model contains no ``nn.Linear`` (the message names ``--head``).
     """
-    head = getattr(module, "head", None)
-    last_linear: str | None = None
-    for name, sub in module.named_modules():
-        if isinstance(head, nn.Linear) and sub is head:
-            return name
-        if isinstance(sub, nn.Linear):
-            last_linear = name
-    if last_linear is None:
+    chosen = module.__dict__.get(_HEAD_NAME)
+    if chosen is not None:
+        return chosen
+    for attr in HEAD_ATTRIBUTES:
+        sub = module._modules.get(attr)
+        if isinstance(sub, nn.Module):
+            name = _last_linear(sub, attr)
+            if name is not None:
+                return name
+    last = _last_linear(module)
+    if last is None:
         raise ConfigError(
-            f"model has no nn.Linear classification head; {type(module).__name__} must end "
-            "in an nn.Linear (or expose one as its `head` attribute)"
+            f"cannot find the classification head of {type(module).__name__}: it has no nn.Linear. gradosr needs "
+            "an nn.Linear head on the penultimate features; name it with --head NAME (or expose it as `head`)"
         )
-    return last_linear
+    return last
 
 
 def find_head(module: nn.Module) -> nn.Linear:

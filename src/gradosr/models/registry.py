@@ -23,16 +23,26 @@ def available_models() -> list[str]:
     return list(_MODELS)
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 1) -> nn.Module:
-    """Build a fresh model by name (``"lenet"``, ``"cnn32"`` or ``"resnet18"``).
+def build_model(name: str, num_classes: int, in_channels: int = 1, head: str | None = None) -> nn.Module:
+    """Build a fresh model by name (``"lenet"``, ``"cnn32"``, ``"resnet18"``) or by import
+    path (``"package.module:factory"``, :func:`gradosr.models.user.build_user_model`);
+    ``head`` names its classification layer (``--head``).
 
     Raises:
-        ConfigError: unknown name, or invalid ``num_classes`` / ``in_channels``.
+        ConfigError: unknown name, invalid ``num_classes`` / ``in_channels``, or a user
+            factory that cannot be imported or called.
     """
+    from gradosr.models.heads import set_head
+    from gradosr.models.user import build_user_model, is_import_path
+
+    if is_import_path(name):
+        return build_user_model(name, num_classes, in_channels, head)
     try:
         cls = _MODELS[name]
     except (KeyError, TypeError):
         raise ConfigError(
-            f"unknown model {name!r}; available models: {', '.join(available_models())}"
+            f"unknown model {name!r}; available models: {', '.join(available_models())}, or your own as "
+            "package.module:factory"
         ) from None
-    return cls(num_classes, in_channels)
+    model = cls(num_classes, in_channels)
+    return set_head(model, head) if head is not None else model
