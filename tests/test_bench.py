@@ -91,11 +91,11 @@ def test_interrupted_benchmark_resumes(tmp_path, monkeypatch):
     real = runner.load_protocol
     calls = []
 
-    def flaky(spec, data_dir=None):
+    def flaky(spec, *args, **kwargs):
         calls.append(spec.split)
         if spec.split == 1 and calls.count(1) == 1:
             raise KeyboardInterrupt
-        return real(spec, data_dir)
+        return real(spec, *args, **kwargs)
 
     monkeypatch.setattr(runner, "load_protocol", flaky)
     with pytest.raises(KeyboardInterrupt):

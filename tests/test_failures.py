@@ -36,6 +36,20 @@ test_readers.py, test_checkpoint.py, test_cli.py, test_osr.py):
 28 [other-proxy]          fitting into a run folder that holds another proxy classifier
 29 [out-is-file]          --out naming a file
 30 [metrics]              metrics on NaN scores, length mismatch, one-class inputs
+31 [empty-class-folder]   an image folder with an empty class folder
+32 [no-images]            a folder with no images (and a folder holding class folders beside loose images)
+33 [npz-key]              an .npz without a key it needs
+34 [npz-labels]           non-integer, negative or out-of-range labels (a class without training images)
+35 [npz-unconvertible]    arrays that are not images (5-D, 2 channels, floats outside [0, 1], NaN, strings)
+36 [strict]               an unreadable image file under --strict
+37 [weights-pickle]       --weights naming a .pt/.pth pickle (refused with how to convert), or a missing file
+38 [user-model]           --model that cannot be imported or called, a head that cannot be found, a bad --head
+39 [model-again]          evaluate/predict of a user-model run without --model, or with another one
+40 [weights-mismatch]     evaluate/predict with --weights other than the run's
+41 [unlabeled-known]      an unlabeled folder or a synthetic set as the known data
+42 [one-split-weights]    benchmark --weights over more than one split; --splits with --split-seeds
+43 [predict-output]       predict --output with a suffix other than .csv/.jsonl
+44 [too-few-images]       too few known training images for the stratified validation split
 """
 
 from __future__ import annotations
@@ -569,3 +583,175 @@ def test_metrics_bad_inputs(call, error, phrase):
 def test_catalogue_has_at_least_25_cases():
     cases = re.findall(r"^\s*(\d+) \[", __doc__, flags=re.M)
     assert len(cases) >= 25 and cases == [str(i) for i in range(1, len(cases) + 1)]
+
+
+# ------------------------------------------------------------ 31-44: your data, your model
+
+
+def _folder_with(root: Path, per_class: dict[str, int]) -> Path:
+    from your_data import write_png
+
+    for name, n in per_class.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            write_png(root / name / f"{i}.png", np.full((8, 8, 3), 40 * i, np.uint8))
+    return root
+
+
+def _fit_args(dataset, out, *more):
+    return ("fit", "--protocol", "custom", "--dataset", dataset, "--known", "0,1", "--unknown", "2",
+            "--epochs", "1", "--no-progress", "--out", out, *more)
+
+
+def test_empty_class_folder(tmp_path, capsys):
+    root = _folder_with(tmp_path / "imgs", {"a": 5, "b": 0, "c": 5})
+    cli_fails(capsys, r"class folder 'b' has no images", [tmp_path], *_fit_args(root, tmp_path / "run"))
+
+
+def test_folder_without_images(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "readme.txt").write_text("no images here")
+    cli_fails(capsys, r"holds no images", [tmp_path], *_fit_args(tmp_path / "imgs", tmp_path / "run"))
+    root = _folder_with(tmp_path / "mixed", {"a": 3, "b": 3, "c": 3})
+    (root / "loose.png").write_bytes((root / "a" / "0.png").read_bytes())
+    cli_fails(capsys, r"both class folders and 1 loose images", [tmp_path], *_fit_args(root, tmp_path / "run"))
+
+
+def test_npz_missing_key(tmp_path, capsys):
+    x = np.zeros((30, 8, 8), np.uint8)
+    np.savez(tmp_path / "a.npz", x_train=x, y_train=np.arange(30) % 3, x_test=x)
+    cli_fails(capsys, r"lacks the key 'y_test'", [tmp_path], *_fit_args(f"npz:{tmp_path / 'a.npz'}", tmp_path / "run"))
+    np.savez(tmp_path / "b.npz", images=x)
+    cli_fails(capsys, r"has neither x_train.* nor x/y", [tmp_path], *_fit_args(tmp_path / "b.npz", tmp_path / "run"))
+
+
+@pytest.mark.parametrize("labels, phrase", [
+    (np.arange(30) % 3 + 0.5, r"integer class ids, found non-integer"),
+    (np.arange(30) % 3 - 1, r"class ids must be >= 0, found -1"),
+    (np.where(np.arange(30) % 3 == 2, 3, np.arange(30) % 3), r"\[2\] have none"),
+    (np.array(["a"] * 30), r"integer class ids, got dtype <U1"),
+], ids=["fractional", "negative", "gap", "strings"])
+def test_npz_bad_labels(tmp_path, capsys, labels, phrase):
+    np.savez(tmp_path / "a.npz", x=np.zeros((30, 8, 8), np.uint8), y=labels)
+    cli_fails(capsys, phrase, [tmp_path], *_fit_args(f"npz:{tmp_path / 'a.npz'}", tmp_path / "run"))
+
+
+@pytest.mark.parametrize("x, phrase", [
+    (np.zeros((30, 2, 8, 8, 1), np.uint8), r"N×H×W or N×H×W×C with C = 1, 3 or 4, got shape \(30, 2, 8, 8, 1\)"),
+    (np.zeros((30, 8, 8, 2), np.uint8), r"C = 1, 3 or 4, got shape \(30, 8, 8, 2\)"),
+    (np.full((30, 8, 8), 1.5), r"float images must lie in \[0, 1\], found 1.5..1.5"),
+    (np.full((30, 8, 8), np.nan), r"contains NaN or Inf"),
+    (np.full((30, 8, 8), 300, np.int32), r"integer images must lie in 0..255"),
+    (np.full((30, 8, 8), "a"), r"numeric images, got dtype <U1"),
+], ids=["5-D", "2-channels", "float-range", "nan", "int-range", "strings"])
+def test_npz_unconvertible_images(tmp_path, capsys, x, phrase):
+    np.savez(tmp_path / "a.npz", x=x, y=np.arange(30) % 3)
+    cli_fails(capsys, phrase, [tmp_path], *_fit_args(f"npz:{tmp_path / 'a.npz'}", tmp_path / "run"))
+
+
+def test_unreadable_image_under_strict(tmp_path, capsys):
+    root = _folder_with(tmp_path / "imgs", {"a": 5, "b": 5, "c": 5})
+    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    cli_fails(capsys, r"cannot read image .*broken.jpg.*--strict refuses", [tmp_path],
+              *_fit_args(root, tmp_path / "run", "--strict"))
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    from your_data import factory_module
+
+    return factory_module(tmp_path / "src", monkeypatch)
+
+
+def test_weights_pickle_or_missing(tmp_path, capsys, user_models):
+    root = _folder_with(tmp_path / "imgs", {"a": 5, "b": 5, "c": 5})
+    torch.save({"w": torch.zeros(2)}, tmp_path / "model.pt")
+    cli_fails(capsys, r"is a pickle checkpoint \(.pt\).*never loads.*save_file", [tmp_path],
+              *_fit_args(root, tmp_path / "run", "--model", f"{user_models}:make", "--weights", tmp_path / "model.pt"))
+    cli_fails(capsys, r"--weights: no such file", [tmp_path],
+              *_fit_args(root, tmp_path / "run", "--model", f"{user_models}:make", "--weights", tmp_path / "no.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    cli_fails(capsys, r"not a readable safetensors file", [tmp_path],
+              *_fit_args(root, tmp_path / "run", "--model", f"{user_models}:make", "--weights", tmp_path / "junk.safetensors"))
+
+
+@pytest.mark.parametrize("model, more, phrase", [
+    ("no_such_module_xyz:make", (), r"cannot import 'no_such_module_xyz'"),
+    ("{m}:missing", (), r"has no attribute 'missing'"),
+    ("{m}:broken", (), r"calling {m}:broken\(num_classes=2, in_channels=3\) failed: ValueError: no GPU here"),
+    ("{m}:conv_head", (), r"cannot find the classification head of Sequential.*--head NAME"),
+    ("{m}:make", ("--head", "body.0"), r"--head 'body.0' is a Conv2d, not an nn.Linear.*body.4, classifier.1"),
+    ("{m}:make", ("--head", "body.4"), r"the head of {m}:make\(.*\) has 16 outputs, not 2"),
+], ids=["import", "attribute", "raises", "no-head", "head-not-linear", "head-wrong-size"])
+def test_user_model_errors(tmp_path, capsys, user_models, model, more, phrase):
+    root = _folder_with(tmp_path / "imgs", {"a": 5, "b": 5, "c": 5})
+    cli_fails(capsys, phrase.format(m=user_models), [tmp_path],
+              *_fit_args(root, tmp_path / "run", "--model", model.format(m=user_models), *more))
+
+
+@pytest.fixture
+def user_run(tmp_path, user_models, capsys):
+    """A fitted run of the user's model on a 3-class folder, and a weights file of it."""
+    from safetensors.torch import save_file
+
+    from gradosr.models import build_model
+
+    root = _folder_with(tmp_path / "imgs", {"a": 6, "b": 6, "c": 6})
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model(f"{user_models}:make", 2, 3).state_dict().items()},
+              str(weights))
+    run = tmp_path / "run"
+    assert main([str(a) for a in _fit_args(root, run, "--model", f"{user_models}:make", "--weights", weights)]) == 0
+    capsys.readouterr()
+    return run, weights, root
+
+
+def test_user_model_run_needs_its_model_again(tmp_path, capsys, user_run, user_models):
+    run, _, root = user_run
+    for command in (("evaluate", run), ("predict", run, root / "a" / "0.png")):
+        cli_fails(capsys, rf"holds a user model built by {user_models}:make: pass --model {user_models}:make again",
+                  [tmp_path], *command, "--no-progress")
+        cli_fails(capsys, rf"holds a model built by {user_models}:make, but --model is lenet", [tmp_path],
+                  *command, "--model", "lenet", "--no-progress")
+
+
+def test_weights_other_than_the_runs(tmp_path, capsys, user_run, user_models):
+    run, weights, root = user_run
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(weights.read_bytes() + b" ")
+    for command in (("evaluate", run), ("predict", run, root / "a" / "0.png")):
+        cli_fails(capsys, r"is not the file this run was fitted with", [tmp_path], *command, "--model",
+                  f"{user_models}:make", "--weights", other, "--no-progress")
+
+
+def test_unlabeled_or_synthetic_set_as_known_data(tmp_path, capsys):
+    from your_data import write_png
+
+    for i in range(5):
+        write_png(tmp_path / "out" / f"{i}.png", np.zeros((8, 8, 1), np.uint8))
+    cli_fails(capsys, r"has no classes .*not --known-dataset", [tmp_path], "fit", "--protocol", "cross",
+              "--known-dataset", tmp_path / "out", "--unknown-dataset", "mnist-sample", "--out", tmp_path / "run")
+    cli_fails(capsys, r"synthetic-gaussian has no classes", [tmp_path], "fit", "--protocol", "custom",
+              "--dataset", "synthetic-gaussian", "--known", "0,1", "--unknown", "2", "--out", tmp_path / "run")
+    cli_fails(capsys, r"unknown synthetic set 'synthetic-plaid'; known: synthetic-gaussian", [tmp_path], "fit",
+              "--protocol", "cross", "--known-dataset", "mnist-sample", "--unknown-dataset", "synthetic-plaid",
+              "--out", tmp_path / "run")
+
+
+def test_one_split_with_weights_and_one_split_option(tmp_path, capsys):
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    cli_fails(capsys, r"--weights is one trained classifier, for one split; got splits \[0, 1\]", [tmp_path],
+              "benchmark", "--splits", "0-1", "--weights", tmp_path / "w.safetensors", "--out", tmp_path / "b")
+    cli_fails(capsys, r"either --splits or --split-seeds, not both", [tmp_path], "benchmark", "--splits", "0",
+              "--split-seeds", "1,2", "--out", tmp_path / "b")
+
+
+def test_predict_output_suffix(tmp_path, capsys, run):
+    cli_fails(capsys, r"--output .*p.txt must end in .csv or .jsonl", [tmp_path], "predict", run,
+              run / "classifier" / "model.json", "--output", tmp_path / "p.txt")
+
+
+def test_too_few_images_for_the_validation_split(tmp_path, capsys):
+    root = _folder_with(tmp_path / "imgs", {"a": 3, "b": 3, "c": 3})
+    cli_fails(capsys, r"too few for a stratified 20% validation split of 2 classes", [tmp_path],
+              *_fit_args(root, tmp_path / "run"))

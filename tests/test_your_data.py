@@ -396,3 +396,24 @@ def test_help_offers_no_refused_option(capsys, command):
     text = capsys.readouterr().out
     assert "--split-seeds" in text and "--splits" in text
     assert "--split " not in text and "--split-seed " not in text and "--split SPLIT" not in text
+
+
+def test_a_method_that_cannot_fit_is_left_out_and_said(capsys):
+    """On a classifier that gets no training sample of a class right, OpenMax has nothing
+    to fit: with ``skipped`` it is left out (reason kept and printed), the others scored."""
+    from gradosr.data.imageset import ImageSet
+    from gradosr.data.protocols import OSRData
+    from gradosr.errors import DataError
+    from gradosr.evaluation.scoring import score_split
+    from tiny_runs import TRAIN, VAL, build_run
+
+    osr = build_run(None)
+    spec = resolve_protocol("custom", dataset="mnist-sample", known="0-3", unknown="4")
+    wrong = ImageSet(TRAIN.images, (osr.classifier_.logits(TRAIN.images).argmax(1).numpy() + 1) % 4)
+    data = OSRData(spec, wrong, VAL, VAL, ImageSet(VAL.images[:5], np.full(5, 4)), ("0", "1", "2", "3"))
+    skipped: dict = {}
+    _, _, scores = score_split(osr.classifier_, data, ["msp", "openmax"], skipped=skipped)
+    assert list(scores) == ["msp"] and "correctly classified" in skipped["openmax"]
+    assert "openmax left out" in capsys.readouterr().err
+    with pytest.raises(DataError, match="correctly classified"):
+        score_split(osr.classifier_, data, ["msp", "openmax"])

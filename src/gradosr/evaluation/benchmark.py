@@ -151,7 +151,7 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     t_start = time.time()
     split_methods = select_methods(settings.methods)
     sets = settings.unknown_sets() if len(settings.unknown_sets()) > 1 else [None]
-    state = {u: {"records": [], "scores": {}, "splits": [], "last": {}} for u in sets}
+    state = {u: {"records": [], "scores": {}, "splits": [], "last": {}, "skipped": {}} for u in sets}
     for run in split_runs(settings):
         t0 = time.time()
         fitted = _fitted_osr(run, settings, split_methods)
@@ -160,11 +160,14 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
                                 "method_config": osr.config_.to_dict()} for p, osr in fitted.items()}
         for unknown, spec, data in zip(run.unknowns, run.specs, run.data):
             identity = {"classifier": run.run.classifier_sha256(), "protocol": spec.to_dict()}
+            st = state[unknown]
+            skipped: dict[str, str] = {}
             y_true, closed_pred, scores = score_split(run.classifier, data, split_methods, fitted, settings.progress,
                                                       cache=_cache(layout.cache(run.split, unknown), identity,
-                                                                   methods_identity))
+                                                                   methods_identity), skipped=skipped)
+            for method, reason in skipped.items():
+                st["skipped"].setdefault(method, {})[str(run.split)] = reason
             recs = split_records(spec, y_true, closed_pred, scores)
-            st = state[unknown]
             st["records"].extend(recs)
             st["scores"][run.split] = {"y_true": y_true, "closed_pred": closed_pred, "scores": scores}
             st["last"] = scores
@@ -196,6 +199,7 @@ def _document(settings: BenchmarkSettings, st: dict, seconds: float) -> dict:
         "protocol_args": settings.protocol_args,
         "splits": st["splits"],
         "method_params": {m: s.params for m, s in st["last"].items()},
+        "skipped": st["skipped"],
         "seconds": round(seconds, 2),
     })
 
@@ -223,5 +227,7 @@ def write_markdown(path: Path, doc: dict) -> None:
     ]
     for method, p in params.items():
         lines.append(f"- `{method}`: `{p}`")
+    for method, reasons in doc.get("skipped", {}).items():
+        lines.append(f"- `{method}` was left out on splits {', '.join(reasons)}: {next(iter(reasons.values()))}")
     lines += ["", f"Versions: `{doc['versions']}`; total time {doc.get('seconds')} s.", ""]
     atomic_write_text(path, "\n".join(lines))

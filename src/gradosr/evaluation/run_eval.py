@@ -62,8 +62,9 @@ def evaluate_run(run: Path, methods: list[str] | None, data_dir=None, device="cp
                               f"gradosr fit --preset {missing[0]} --out {run} first")
     spec = ProtocolSpec.from_dict(clf.meta["protocol"])
     data = load_protocol(spec, data_dir, image_size=(clf.meta.get("train") or {}).get("image_size"))
-    y_true, closed_pred, scores = score_split(clf, data, methods, fitted, progress)
+    skipped: dict[str, str] = {}
+    y_true, closed_pred, scores = score_split(clf, data, methods, fitted, progress, skipped=skipped)
     info = {"protocol": spec.to_dict(),
-            "classifier": {k: clf.meta.get(k) for k in ("arch", "train", "test_acc", "val_acc")},
-            "method_params": {m: s.params for m, s in scores.items()}}
+            "classifier": {k: clf.meta.get(k) for k in ("arch", "train", "test_acc", "val_acc", "weights_sha256")},
+            "method_params": {m: s.params for m, s in scores.items()}, "skipped": skipped}
     return split_records(spec, y_true, closed_pred, scores), info

@@ -12,6 +12,7 @@ training outputs, identically on every process.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -24,7 +25,7 @@ from gradosr.data.protocols import OSRData, ProtocolSpec
 from gradosr.detectors import ScorerInputs
 from gradosr.detectors.registry import describe, make_scorer, method_ids
 from gradosr.distributed import map_rows
-from gradosr.errors import ConfigError
+from gradosr.errors import ConfigError, DataError
 from gradosr.evaluation.records import results_record
 
 
@@ -96,12 +97,16 @@ def available_methods(presets: str | list[str] | None = None) -> list[str]:
 
 
 def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, progress: bool = False,
-                cache: Callable[[str, Callable[[], SplitScores]], SplitScores] | None = None
-                ) -> tuple[np.ndarray, np.ndarray, dict[str, SplitScores]]:
+                cache: Callable[[str, Callable[[], SplitScores]], SplitScores] | None = None,
+                skipped: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, SplitScores]]:
     """Scores of ``methods`` on the split's test and validation images.
 
     ``osr``: a fitted GradientOSR, or a dict {preset: GradientOSR} (all on ``clf``).
     ``cache(method, compute)``: returns stored scores or calls ``compute()`` (benchmark).
+    ``skipped``: when given, a baseline that cannot be fitted on this classifier (a
+    DataError from its fit, e.g. OpenMax without 2 correctly classified training samples
+    of a class) is left out, its reason stored there and printed on stderr, instead of
+    ending the whole run.
     Returns (y_true N, closed_pred N, {method: SplitScores}).
     """
     fitted = osr if isinstance(osr, dict) else ({osr.config_.preset: osr} if osr is not None else {})
@@ -130,7 +135,15 @@ def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, pr
         return SplitScores(sharded_scores(scorer, test_out), sharded_scores(scorer, val_out),
                            params=dict(scorer.params), seconds=time.time() - t0)
 
-    scores = {m: (cache(m, lambda m=m: compute(m)) if cache else compute(m)) for m in methods}
+    scores = {}
+    for m in methods:
+        try:
+            scores[m] = cache(m, lambda m=m: compute(m)) if cache else compute(m)
+        except DataError as exc:
+            if skipped is None or m in fitted:
+                raise
+            skipped[m] = str(exc)
+            print(f"gradosr: {m} left out on {data.spec.label}: {exc}", file=sys.stderr)
     return test_labels(data), test_out.logits.argmax(1).numpy(), scores
 
 

@@ -98,9 +98,9 @@ def weights_sha256(path: str | Path) -> str:
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise DataError(f"--weights {path} is a pickle checkpoint ({path.suffix}), which gradosr never loads (it "
-                        "can run code). Convert it once where you trust it: python -c \"import torch; from "
-                        "safetensors.torch import save_file; save_file(torch.load('" + str(path) + "', "
-                        "weights_only=True), 'model.safetensors')\" and pass --weights model.safetensors")
+                        "can run code). Convert it once, in Python, where you trust the file: read its state dict "
+                        "with torch's loader and weights_only=True, then safetensors.torch.save_file(state_dict, "
+                        "'model.safetensors'), and pass --weights model.safetensors")
     if not path.is_file():
         raise DataError(f"--weights: no such file: {path}")
     return sha256_of(path)
