@@ -224,6 +224,7 @@ def test_chunked_and_unchunked_agree(method_id):
     np.testing.assert_allclose(small.score_samples(TEST), s1, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(small.score_samples(TEST.rows(slice(0, 4))), s1[:4],
                                rtol=1e-10, atol=1e-10)
+    assert small.score_samples(TEST.rows(slice(0, 0))).shape == (0,)
     assert METHODS[method_id].family == "gradient"
 
 

@@ -179,5 +179,7 @@ def batched(outputs: ScorerInputs, batch_size: int, method: str, step: Callable[
     results = []
     with eval_mode(model):
         for xb in x.split(batch_size):
+            if len(xb) == 0:
+                continue
             results.append(step(model, xb.detach().to(device=device, dtype=dtype)))
     return results

@@ -118,6 +118,8 @@ class MahalanobisML(Scorer):
 
     def layer_scores(self, outputs: ScorerInputs) -> np.ndarray:
         """M_l per layer, N×L (float64), before standardisation."""
+        if len(outputs) == 0:
+            return np.zeros((0, len(self.layers_)))
         if self.eps == 0:
             f = self.pooled(outputs, self.layers_)
             cols = [g.score_samples(ScorerInputs(activations={"f": f[n]})) for g, n in zip(self.gauss_, self.layers_)]

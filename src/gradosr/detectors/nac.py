@@ -140,6 +140,8 @@ class NAC(Scorer):
     def score_samples(self, outputs: ScorerInputs) -> np.ndarray:
         """Mean over layers of the mean coverage of each neuron's state bin -> N (float64)."""
         self.check_fitted()
+        if len(outputs) == 0:
+            return np.zeros(0, dtype=np.float64)
         phis = self.states(outputs)
         covers = self.coverage_.split(self.widths_, dim=1)
         per_layer = []
