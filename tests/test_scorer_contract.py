@@ -99,7 +99,8 @@ def test_registry_lists_the_presets_then_the_baselines():
     assert [m for m in ids if METHODS[m].kind == "baseline"] == [
         "msp", "mls", "energy", "odin", "openmax", "mahalanobis", "knn", "gradnorm", "gradunc",
         "vim", "rmds", "fdbd", "nnguide", "gen", "entropy", "klm", "nci", "gmm",
-        "react", "ash_s", "ash_b", "ash_p", "scale", "dice", "she"]
+        "react", "ash_s", "ash_b", "ash_p", "scale", "dice", "she",
+        "nac", "grood", "gaia_z", "gaia_a", "mahalanobis_ml", "mahalanobis_ml_pp"]
 
 
 def test_missing_input_is_one_clear_error():

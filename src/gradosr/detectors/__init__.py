@@ -33,6 +33,10 @@ from gradosr.detectors.ash import AshS, AshB, AshP  # isort: skip
 from gradosr.detectors.scale import Scale  # isort: skip
 from gradosr.detectors.dice import Dice  # isort: skip
 from gradosr.detectors.she import SHE  # isort: skip
+from gradosr.detectors.nac import NAC  # isort: skip
+from gradosr.detectors.grood import GROOD  # isort: skip
+from gradosr.detectors.gaia import GAIAZ, GAIAA  # isort: skip
+from gradosr.detectors.mahalanobis_ml import MahalanobisML, MahalanobisMLPP  # isort: skip
 from gradosr.detectors.gradorth import GradOrth  # isort: skip  (components after the baselines)
 from gradosr.detectors.mlp import MLPDetector  # isort: skip
 from gradosr.detectors.fusion import FusedScorer  # isort: skip
@@ -45,4 +49,5 @@ __all__ = [
     "make_scorer",
     "ViM", "RMDS", "FDBD", "NNGuide", "GEN", "Entropy", "KLMatching", "NCI", "GMM",
     "ReAct", "AshS", "AshB", "AshP", "Scale", "Dice", "SHE",
+    "NAC", "GROOD", "GAIAZ", "GAIAA", "MahalanobisML", "MahalanobisMLPP",
 ]

@@ -64,7 +64,10 @@ class Layer:
     """One layer of a capture: what to reduce, and the state of the last pass.
 
     ``params`` are the parameter attributes of ``module`` whose gradients ``reduce(a, g)``
-    describes; ``check_input(a)`` returns why an input cannot be used, or None. After
+    describes; ``check_input(a)`` returns why an input cannot be used, or None. ``keep``
+    says what ``a`` is: the layer's first input (``"input"``, the default), its output
+    (``"output"``: the activation, which must not be modified in place later), or an empty
+    tensor (``"grad"``: only the output gradient ``g`` is used). After
     :func:`run`: ``calls`` forward calls, ``result`` what ``reduce`` returned (None if it
     did not run), ``failure`` the first reason the capture is not valid (None if none).
     """
@@ -74,6 +77,7 @@ class Layer:
     params: tuple[str, ...]
     reduce: Callable[[Tensor, Tensor], object]
     check_input: Callable[[Tensor], str | None] | None = None
+    keep: str = "input"
     calls: int = 0
     result: object = None
     failure: str | None = None
@@ -165,7 +169,12 @@ def _forward_hook(layer: Layer, on_failure: Callable[[Layer, str], None] | None,
     if not out.requires_grad:  # no gradient reaches it (e.g. run under no_grad)
         return
     a = inputs[0]
-    layer.a, layer.a_version, layer.a_requires_grad = a.detach(), a._version, a.requires_grad
+    layer.a_requires_grad = a.requires_grad
+    if layer.keep == "output":
+        a = out
+    elif layer.keep == "grad":
+        a = out.new_empty(0)
+    layer.a, layer.a_version = a.detach(), a._version
     layer.out, layer.out_version = out, out._version
     out.register_hook(partial(_grad_hook, layer))
 
@@ -183,7 +192,8 @@ def _grad_hook(layer: Layer, g: Tensor) -> None:
 
 def run(model: nn.Module, layers: list[Layer], x: Tensor,
         loss_of_output: Callable[[object], Tensor], *, request_all_outputs: bool = False,
-        on_failure: Callable[[Layer, str], None] | None = None) -> Counter[int]:
+        on_failure: Callable[[Layer, str], None] | None = None,
+        input_grad: list[Tensor] | None = None) -> Counter[int]:
     """One batched forward and ONE backward of ``loss_of_output(model(x)).sum()``.
 
     The model must be in eval mode and the ``params`` of every layer must require grad
@@ -197,6 +207,8 @@ def run(model: nn.Module, layers: list[Layer], x: Tensor,
         loss_of_output: model output -> per-sample losses ``(B,)`` (it validates the output).
         on_failure: called as ``on_failure(layer, reason)`` when a layer's capture fails
             in the forward or right after it (it may raise to stop the pass).
+        input_grad: a list that receives the gradient w.r.t. ``x`` (zeros where the loss
+            does not depend on it), for callers that also need it (input perturbations).
 
     Returns:
         :func:`param_uses` of the pass; each layer's ``calls``, ``result`` and ``failure``
@@ -230,7 +242,11 @@ def run(model: nn.Module, layers: list[Layer], x: Tensor,
                     requests.extend(getattr(layer.module, p) for p in layer.params)
             layer.out = None
         if total.requires_grad:
-            torch.autograd.grad(total, requests, allow_unused=True)
+            grads = torch.autograd.grad(total, requests, allow_unused=True)
+            if input_grad is not None:
+                input_grad.append(torch.zeros_like(leaf) if grads[0] is None else grads[0])
+        elif input_grad is not None:
+            input_grad.append(torch.zeros_like(leaf))
     finally:
         for h in handles:
             h.remove()
