@@ -744,6 +744,9 @@ def test_one_split_with_weights_and_one_split_option(tmp_path, capsys):
               "benchmark", "--splits", "0-1", "--weights", tmp_path / "w.safetensors", "--out", tmp_path / "b")
     cli_fails(capsys, r"either --splits or --split-seeds, not both", [tmp_path], "benchmark", "--splits", "0",
               "--split-seeds", "1,2", "--out", tmp_path / "b")
+    cli_fails(capsys, r"cross protocol knows every class .*not --split-seed", [tmp_path], "benchmark", "--protocol",
+              "cross", "--known-dataset", "mnist-sample", "--unknown-dataset", "synthetic-blobs", "--split-seeds",
+              "1,2", "--out", tmp_path / "b")
 
 
 def test_predict_output_suffix(tmp_path, capsys, run):

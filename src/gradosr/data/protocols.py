@@ -210,6 +210,9 @@ def resolve_protocol(
             raise ConfigError("the cross protocol needs --known-dataset and --unknown-dataset")
         if known_dataset == unknown_dataset:
             raise ConfigError("the cross protocol needs two different datasets")
+        if split_seed is not None:
+            raise ConfigError("the cross protocol knows every class (no class split to draw): its seeds are "
+                              "--split (train, fit) or --splits (benchmark, ablate), not --split-seed(s)")
         ka, ub = dataset_info(known_dataset), dataset_info(unknown_dataset)
         check_labelled(ka, "--known-dataset")
         seed = 0 if split is None else int(split)

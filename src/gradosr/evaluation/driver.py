@@ -62,6 +62,14 @@ class ExperimentSettings:
         if self.weights is not None and len(self.splits) > 1:
             raise ConfigError(f"--weights is one trained classifier, for one split; got splits {self.splits}: "
                               "pass a single split")
+        for split in self.splits[:1]:  # a bad protocol fails here, before any work
+            self.spec(split, self.unknown_sets()[0])
+
+    def spec(self, split: int, unknown: str | None = None) -> ProtocolSpec:
+        """The protocol split ``split`` (against the unknown set ``unknown`` of a cross protocol)."""
+        which = {"split_seed": split} if self.random_splits else {"split": split}
+        args = {**self.protocol_args, "unknown_dataset": unknown} if unknown else self.protocol_args
+        return resolve_protocol(self.protocol, **which, **args)
 
     @property
     def layout(self) -> BenchmarkLayout:
@@ -94,10 +102,7 @@ def split_runs(settings: ExperimentSettings, bar: bool = True) -> Iterator[Split
     """The splits of ``settings``, one after another (a progress bar over splits with ``bar``)."""
     sets = settings.unknown_sets()
     for split in progress_bar(settings.splits, desc="splits", disable=not (bar and settings.progress), unit="split"):
-        which = {"split_seed": split} if settings.random_splits else {"split": split}
-        specs = [resolve_protocol(settings.protocol, **which,
-                                  **({**settings.protocol_args, "unknown_dataset": u} if u else settings.protocol_args))
-                 for u in sets]
+        specs = [settings.spec(split, u) for u in sets]
         spec = specs[0]
         seed = spec.seed if spec.name in ("cross", "custom") else settings.seed
         config = default_train_config(spec.dataset, **{**settings.train_overrides, "seed": seed})
