@@ -234,9 +234,31 @@ def class_counts(y: np.ndarray, k: int, method: str) -> np.ndarray:
 def float_rows(inputs: ScorerInputs, name: str, method: str) -> np.ndarray:
     """The field ``name`` of ``inputs`` as a float64 N×D NumPy array; DataError naming
     ``method`` when it was not computed, is not a matrix or holds NaN or infinite values."""
-    x = torch.as_tensor(inputs.get(name, method)).detach().cpu().to(torch.float64).numpy()
+    return _finite(matrix_field(inputs, name, method).cpu().to(torch.float64).numpy(), name, method)
+
+
+#: rows per chunk of :func:`float_row_chunks` (at D = 2048, 512 MB in float64)
+ROW_CHUNK = 1 << 15
+
+
+def matrix_field(inputs: ScorerInputs, name: str, method: str) -> torch.Tensor:
+    """The field ``name`` of ``inputs`` as a tensor (not copied); DataError unless it is N×D."""
+    x = torch.as_tensor(inputs.get(name, method)).detach()
     if x.ndim != 2:
         raise DataError(f"{method}: {name} must be N×D, got shape {tuple(x.shape)}")
+    return x
+
+
+def float_row_chunks(inputs: ScorerInputs, name: str, method: str, rows: int = ROW_CHUNK):
+    """:func:`float_rows` streamed: (start, float64 n×D NumPy chunk) for consecutive
+    chunks of ``rows`` rows, so that no float64 copy of the whole field is formed (the
+    same checks, chunk by chunk)."""
+    x = matrix_field(inputs, name, method)
+    for start in range(0, len(x), rows):
+        yield start, _finite(x[start:start + rows].cpu().to(torch.float64).numpy(), name, method)
+
+
+def _finite(x: np.ndarray, name: str, method: str) -> np.ndarray:
     if not np.isfinite(x).all():
         raise DataError(f"{method}: {name} contain NaN or infinite values")
     return x
