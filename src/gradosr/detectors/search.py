@@ -92,9 +92,11 @@ def select_smallest(key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """The k smallest entries of every row of ``key`` (rows × n), as (values, column
     indices), ascending, ties by lowest column index, exactly."""
     kk = min(k, key.shape[1])
-    vals, idx = torch.topk(key, kk, dim=1, largest=False, sorted=True)
+    vals, idx = torch.topk(key, min(kk + 1, key.shape[1]), dim=1, largest=False, sorted=True)
+    # the k smallest are one set unless the (k+1)-th smallest key equals the k-th
+    tied = (vals[:, kk] == vals[:, kk - 1]).nonzero().flatten() if vals.shape[1] > kk else vals[:0, 0].long()
+    vals, idx = vals[:, :kk].contiguous(), idx[:, :kk].contiguous()
     kth = vals[:, -1:]
-    tied = ((key <= kth).sum(dim=1) != kk).nonzero().flatten()
     if len(tied):  # rows where topk may have taken a later index among equal k-th keys
         sub, bound = key[tied], kth[tied]
         eq = sub == bound
