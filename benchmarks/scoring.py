@@ -4,8 +4,8 @@
     python benchmarks/scoring.py                # 10k, 100k and 1M
     python benchmarks/scoring.py --dim 2048     # the ImageNet width (the default with CUDA)
 
-Synthetic features with class structure: K = 10 classes, class centres N(0, 4 I) in D
-dimensions, samples centre + N(0, I), float32 (the bank: N×D). Queries: 10k, half from
+Synthetic features with class structure: K = 10 classes, class centres N(0, 0.0225 I) in D
+dimensions (sd 0.15: overlapping classes, so that the AUROC is not 1), samples centre + N(0, I), float32 (the bank: N×D). Queries: 10k, half from
 the known classes and half from 10 other centres (the AUROC of known vs. other, a
 sanity check and the measure of a float16 bank's effect). Logits for the methods that
 read them come from a fixed random linear head.
@@ -68,7 +68,7 @@ def synthetic(n: int, d: int, seed: int, unknown: bool = False):
     import numpy as np
 
     rng = np.random.default_rng(1234)
-    centres = rng.normal(0, 2, size=(2 * CLASSES, d)).astype(np.float32)
+    centres = rng.normal(0, 0.15, size=(2 * CLASSES, d)).astype(np.float32)  # overlapping classes
     w = (rng.normal(size=(CLASSES, d)) / np.sqrt(d)).astype(np.float32)
     b = rng.normal(size=CLASSES).astype(np.float32)
     rng = np.random.default_rng(seed)
