@@ -143,3 +143,12 @@ def test_a_float16_bank_round_trips_through_state():
     np.testing.assert_array_equal(back.score_samples(test), knn.score_samples(test))
     meta["params"].pop("bank_dtype")  # a scorer saved before bank_dtype existed: a float64 bank
     assert KNN.from_state({"bank.0": tensors["bank.0"].double()}, meta).bank_[0].dtype == torch.float64
+
+
+def test_no_queries_give_no_neighbours():  # an empty shard of a distributed run
+    bank, _ = data(n=20, d=3)
+    for backend in BACKENDS:
+        assert Bank.of(torch.from_numpy(bank), "float32", "l2", backend).search(torch.zeros(0, 3), 4).shape == (0, 4)
+    x = ScorerInputs(features=torch.from_numpy(bank))
+    knn = KNN(3, factors=("features", "features"), bank_dtype="float64").fit(x, np.zeros(20, dtype=int))
+    assert knn.score_samples(ScorerInputs(features=torch.zeros(0, 3, dtype=torch.float64))).shape == (0,)

@@ -133,6 +133,9 @@ def blocked_topk(n_query: int, n_bank: int, k: int, block_key: Callable[[slice, 
     ``bank_chunk`` (default: about ``block_entries`` entries). Returns (values, bank
     indices), n_query × min(k, n_bank), ascending, ties by lowest index, on the device
     of the keys. The result does not depend on the chunk sizes."""
+    if n_query == 0:  # e.g. an empty shard of a distributed run
+        empty = block_key(slice(0, 0), slice(0, min(k, n_bank)))
+        return empty, torch.empty(empty.shape, dtype=torch.long, device=empty.device)
     qc = query_chunk or max(1, min(n_query, QUERY_CHUNK, block_entries // max(1, k)))
     bc = bank_chunk or max(k, block_entries // qc)
     vals_out, idx_out = [], []
