@@ -220,10 +220,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. the gradient-engine benchmark (quick)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(HERE / "gradients.py"), "--quick", "--device", device, "--out", tmp]
+        # on a GPU the full mode: batches of 256 and the ImageNet-style resnet50 at 224x224
+        mode = ["--full", "--batch", os.environ.get("GPU_CHECK_BATCH", "256")] if device.startswith("cuda") \
+            else ["--quick"]
+        cmd = [sys.executable, str(HERE / "gradients.py"), *mode, "--device", device, "--out", tmp]
+        if os.environ.get("GPU_CHECK_PRECISION"):
+            cmd += ["--precision", os.environ["GPU_CHECK_PRECISION"]]
         if small and not device.startswith("cuda"):
             cmd += ["--models", "lenet,cnn32"]
-        code, output, secs = _run(cmd, timeout=300)
+        code, output, secs = _run(cmd, timeout=540)
         shown = [c for c in cmd[1:] if c not in ("--out", tmp)]
         step: dict = {"command": " ".join(shown), "returncode": code, "wall_s": round(secs, 1)}
         if code == 0:
@@ -238,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_loop_vs_features": r["ratio_loop_vs_features"],
                 "ratio_head_vs_forward": r["ratio_head_vs_forward"],
                 "features_vs_vmap_max_rel_diff": r["features_vs_vmap_max_rel_diff"],
+                "precision": r.get("precision"), "precision_max_rel_err": r.get("precision_max_rel_err"),
                 "peak_mem_mb": [r["peak_mem_mb_small"], r["peak_mem_mb_large"]],
                 **({"cuda_peak_mem_mb": [r.get("cuda_peak_mem_mb_small"), r.get("cuda_peak_mem_mb_large")]}
                    if "cuda_peak_mem_mb_small" in r else {}),

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# GPU check (benchmarks/gpu_check.py): the gradient-engine benchmark (--quick) and one
+# GPU check (benchmarks/gpu_check.py): the gradient-engine benchmark (on a GPU its full
+# mode, --full --batch 256: resnet50 at 224x224 added; GPU_CHECK_BATCH=512 and
+# GPU_CHECK_PRECISION=tf32|bf16 change it; on the CPU --quick) and one
 # resnet18 training epoch on synthetic data, once in one process and once under
 # torch.distributed.run (DDP, NCCL), with the machine's own python3 and PYTHONPATH=src:
 # no virtualenv, no dataset, no network; only torch, numpy, scipy, scikit-learn and

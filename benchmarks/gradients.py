@@ -28,9 +28,16 @@ the whole process, torch and the model included; plus ``torch.cuda.max_memory_al
 on CUDA): ``peak_mem_mb_small`` and ``peak_mem_mb_large``. Without ``--quick``, each other
 measurement's peak (one batch) is also taken in a fresh subprocess.
 
+GPU batch sizes and ImageNet scale: ``--batch 256`` (or 512) sets every model's batch;
+``--full`` adds the ImageNet-style ``resnet50`` (gradosr.models.resnet50, 3x224x224,
+2,048-d features). ``--precision tf32|bf16`` runs every measurement with TF32 matrix
+products (CUDA) or under ``torch.autocast`` in bfloat16, and reports the features'
+largest relative error against float32 on the same inputs (``precision_max_rel_err``).
+
 Usage::
 
-    PYTHONPATH=src python benchmarks/gradients.py [--quick] [--device cpu|cuda]
+    PYTHONPATH=src python benchmarks/gradients.py [--quick] [--device cpu|cuda] [--batch 256] [--full]
+                                                  [--precision fp32|tf32|bf16]
 
 Writes ``benchmarks/results/gradients.json`` and ``benchmarks/results/gradients.md``
 (``--out`` to change the folder).
@@ -55,6 +62,10 @@ from gradosr.gradients import engine, per_sample_loss, squared_norms
 from gradosr.models import build_model, find_head_name
 
 MODELS = {"lenet": (1, 28, 28), "cnn32": (3, 32, 32), "resnet18": (3, 32, 32)}
+#: added by --full
+FULL_MODELS = {"resnet50": (3, 224, 224)}
+#: the numeric mode of every measurement (--precision)
+PRECISION = {"mode": "fp32", "device": "cpu"}
 NUM_CLASSES = 6
 METHODS = ("forward", "fwd_bwd", "features", "head", "vmap", "loop", "fwd_bwd_chunked",
            "features_one_chunk")
@@ -70,6 +81,36 @@ def make_model(name: str, device: str) -> torch.nn.Module:
 def make_batch(name: str, n: int, device: str, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, *MODELS[name], generator=gen).to(device)
+
+
+def precision_context():
+    """The autocast context of --precision (bf16), else a no-op."""
+    import contextlib
+
+    if PRECISION["mode"] == "bf16":
+        return torch.autocast(device_type=PRECISION["device"].split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_precision(mode: str, device: str) -> None:
+    """TF32 on (``tf32``) or off for the CUDA matrix products and convolutions; bf16 autocast."""
+    PRECISION.update(mode=mode, device=device)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+        torch.backends.cudnn.allow_tf32 = mode == "tf32"
+
+
+def precision_error(model, x) -> float:
+    """Largest relative error of the fast features under --precision against float32."""
+    mode = PRECISION["mode"]
+    if mode == "fp32":
+        return 0.0
+    set_precision("fp32", PRECISION["device"])
+    ref = run_features(model, x).double()
+    set_precision(mode, PRECISION["device"])
+    with precision_context():
+        got = run_features(model, x).double()
+    return ((got - ref).abs() / ref.abs().clamp_min(1e-30)).max().item()
 
 
 def loss_sum(z: torch.Tensor) -> torch.Tensor:
@@ -198,7 +239,8 @@ def child_main(args) -> None:
 
 def child_peak(model: str, what: str, n: int, batch: int, device: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--model", model,
-           "--n", str(n), "--batch", str(batch), "--device", device]
+           "--n", str(n), "--batch", str(batch), "--device", device, "--precision", PRECISION["mode"]]
+    cmd += ["--full"] if model in FULL_MODELS else []
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parent.parent / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
@@ -211,6 +253,14 @@ def child_peak(model: str, what: str, n: int, batch: int, device: str) -> dict:
 # ---- the benchmark ---------------------------------------------------------------------------
 
 
+def _precise(runner, model, x):
+    """``runner(model, x)`` under --precision; the float32 references (vmap, the loop) as they are."""
+    if runner in (run_vmap, run_loop):
+        return runner(model, x)
+    with precision_context():
+        return runner(model, x)
+
+
 def bench_model(name: str, cfg: dict, device: str) -> dict:
     batch = cfg["batch"][name]
     model = make_model(name, device)
@@ -221,8 +271,8 @@ def bench_model(name: str, cfg: dict, device: str) -> dict:
     warm_data = {"vmap": x[: vmap_chunk(model)], "loop": sub[:1]}
     for method in METHODS:
         data = sub if method == "loop" else x
-        fn = (lambda m=method, d=data: RUNNERS[m](model, d))
-        warm = (lambda m=method, d=warm_data.get(method, data): RUNNERS[m](model, d))
+        fn = (lambda m=method, d=data, net=model: _precise(RUNNERS[m], net, d))
+        warm = (lambda m=method, d=warm_data.get(method, data), net=model: _precise(RUNNERS[m], net, d))
         t[method] = time_it(fn, warm, device, cfg["warmup"], cfg["repeats"], cfg["budget_s"])
         if method == "loop":
             t[method] *= batch / sub.shape[0]
@@ -252,6 +302,8 @@ def bench_model(name: str, cfg: dict, device: str) -> dict:
         "ratio_features_vs_fwdbwd_same_chunk": t["features"] / t["fwd_bwd_chunked"],
         "ratio_features_one_chunk_vs_fwdbwd": t["features_one_chunk"] / t["fwd_bwd"],
         "features_vs_vmap_max_rel_diff": max_rel,
+        "precision": PRECISION["mode"],
+        "precision_max_rel_err": precision_error(model, x[:n_check]),
     }
     del model, x, sub
     small, large = cfg["mem_sizes"][name]
@@ -333,19 +385,25 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small batches, one repeat (< 2 min)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
+    ap.add_argument("--models", default=None, help="comma-separated subset (default: all, with --full resnet50)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder of the outputs")
     ap.add_argument("--child", choices=["stream", *METHODS], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, help="batch size of every model (e.g. 256 or 512 on a GPU)")
+    ap.add_argument("--full", action="store_true", help="add the ImageNet-style resnet50 at 3x224x224")
+    ap.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                    help="float32 (default), TF32 matrix products (CUDA) or bfloat16 autocast")
     args = ap.parse_args(argv)
+    if args.full:
+        MODELS.update(FULL_MODELS)
+    set_precision(args.precision, args.device)
     if args.child:
         child_main(args)
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available")
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = [m.strip() for m in (args.models or ",".join(MODELS)).split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         ap.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
@@ -357,8 +415,14 @@ def main(argv: list[str] | None = None) -> None:
         cfg = dict(batch={m: 256 for m in MODELS}, warmup=1, repeats=5, budget_s=20.0,
                    loop_samples=16, mem_all=True,
                    mem_sizes={m: (256, 1024) for m in MODELS})
+    cfg["batch"] = {m: cfg["batch"].get(m, 16) for m in MODELS}
+    cfg["mem_sizes"] = {m: cfg["mem_sizes"].get(m, (16, 48)) for m in MODELS}
+    if args.batch:
+        cfg["batch"] = {m: args.batch for m in MODELS}
+        cfg["mem_sizes"] = {m: (args.batch, 4 * args.batch) for m in MODELS}
     meta = {"device": args.device, "cpu": cpu_name(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "quick": args.quick,
+            "threads": torch.get_num_threads(), "quick": args.quick, "full": args.full,
+            "precision": args.precision, "batch": args.batch,
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.device.startswith("cuda"):

@@ -47,7 +47,7 @@ def unit(x):
 def test_knn_matches_sklearn_brute_force():
     x, y = clustered([120, 100, 80], 8, seed=0)
     q, _ = clustered([40, 40], 8, seed=1)
-    knn = KNN().fit(outs(x, k=3), y)
+    knn = KNN(bank_dtype="float64").fit(outs(x, k=3), y)  # float64 bank: exact to 1e-10
     assert knn.params["k"] == 50
     nn = NearestNeighbors(n_neighbors=50, algorithm="brute").fit(unit(x))
     expected = -nn.kneighbors(unit(q))[0][:, -1]
@@ -60,7 +60,7 @@ def test_knn_matches_sklearn_brute_force():
 def test_knn_k_is_capped_by_the_smallest_class():
     x, y = clustered([30, 12, 40], 5, seed=2)
     q, _ = clustered([25], 5, seed=3)
-    knn = KNN().fit(outs(x, k=3), y)
+    knn = KNN(bank_dtype="float64").fit(outs(x, k=3), y)
     assert knn.params["k"] == 12 and knn.params["k_max"] == 50
     nn = NearestNeighbors(n_neighbors=12, algorithm="brute").fit(unit(x))
     np.testing.assert_allclose(
@@ -82,7 +82,7 @@ def test_knn_zero_vectors_are_finite():
     x, y = clustered([20, 20], 4, seed=6)
     x[3] = 0.0  # a zero training feature
     q = np.vstack([np.zeros(4), x[:5]])
-    knn = KNN(k=3).fit(outs(x, k=2), y)
+    knn = KNN(k=3, bank_dtype="float64").fit(outs(x, k=2), y)
     scores = knn.score_samples(outs(q))
     assert np.isfinite(scores).all()
     nn = NearestNeighbors(n_neighbors=3, algorithm="brute").fit(unit(x))

@@ -253,7 +253,7 @@ def nnguide_reference(x, z_train, q, z_query, k):
 
 def test_nnguide_matches_the_paper():
     x, y, w, b, q = problem(d=6, seed=9)
-    guide = NNGuide().fit(head_outs(x, w, b), y)
+    guide = NNGuide(bank_dtype="float64").fit(head_outs(x, w, b), y)  # float64 bank: exact
     assert guide.params["k"] == 10 and guide.params["k_max"] == 10
     ref = nnguide_reference(x, x @ w.T + b, q, q @ w.T + b, 10)
     np.testing.assert_allclose(guide.score_samples(head_outs(q, w, b)), ref, rtol=RTOL)
@@ -262,7 +262,7 @@ def test_nnguide_matches_the_paper():
     np.testing.assert_allclose(guide.bank_, x / np.linalg.norm(x, axis=1, keepdims=True) * energy[:, None],
                                rtol=1e-12)
     for chunk in (1, 7, 1000):
-        got = NNGuide(chunk_size=chunk).fit(head_outs(x, w, b), y).score_samples(head_outs(q, w, b))
+        got = NNGuide(chunk_size=chunk, bank_dtype="float64").fit(head_outs(x, w, b), y).score_samples(head_outs(q, w, b))
         np.testing.assert_allclose(got, ref, rtol=RTOL)
 
 
@@ -270,7 +270,7 @@ def test_nnguide_k_is_capped_by_the_smallest_class_and_zero_features_are_finite(
     x, y, w, b, q = problem(sizes=(30, 6, 20), d=5, seed=10)
     q = np.vstack([q, np.zeros((1, 5))])
     x[4] = 0.0  # a zero training feature
-    guide = NNGuide().fit(head_outs(x, w, b), y)
+    guide = NNGuide(bank_dtype="float64").fit(head_outs(x, w, b), y)
     assert guide.params["k"] == 6
     s = guide.score_samples(head_outs(q, w, b))
     assert np.isfinite(s).all()

@@ -82,7 +82,25 @@ def test_second_run_reuses_cache(bench, monkeypatch):
 
     monkeypatch.setattr(MSP, "score_samples", boom)
     again = run_benchmark(settings(out), log=lambda s: None)
-    assert again["results"] == doc["results"]
+    # a record from the cache keeps the times of the run that computed it, and says so
+    assert all(r["cached"] for r in again["results"]) and not any(r["cached"] for r in doc["results"])
+    assert [{**r, "cached": False} for r in again["results"]] == doc["results"]
+
+
+def test_every_record_carries_its_cost(bench):
+    out, doc = bench
+    for r in doc["results"]:
+        assert r["fit_s"] >= 0 and r["score_s"] > 0 and r["forward_ms_per_1k"] > 0
+        assert r["cached"] is False
+    for split in (0, 1):  # ms per 1k rows = score_s over the same row count for every method of a split
+        per_row = [r["score_s"] / r["score_ms_per_1k"] for r in doc["results"] if r["split"] == split]
+        assert per_row == pytest.approx([per_row[0]] * len(per_row), rel=1e-3)
+    assert set(doc["cost"]) == set(METHODS) and doc["cost"]["msp"]["score_ms_per_1k"] > 0
+    md = (out / "results.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method |"))
+    assert header.rstrip().endswith("| ms/1k | fit s | forward ms/1k |")
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert float(rows[0]["score_ms_per_1k"]) == pytest.approx(doc["results"][0]["score_ms_per_1k"])
 
 
 def test_interrupted_benchmark_resumes(tmp_path, monkeypatch):

@@ -55,7 +55,15 @@ class Nested(nn.Module):
 
 
 def test_available_models() -> None:
-    assert available_models() == ["lenet", "cnn32", "resnet18"]
+    assert available_models() == ["lenet", "cnn32", "resnet18", "resnet50"]
+
+
+def test_resnet50_is_imagenet_style() -> None:
+    m = build_model("resnet50", 5, in_channels=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert m.forward_features(x).shape == (2, 2048) and m.feature_dim == 2048
+    torch.testing.assert_close(m(x), m.head(m.forward_features(x)))
+    assert 23e6 < sum(p.numel() for p in m.parameters()) < 24e6  # 23.5M + the 5-class head
 
 
 @pytest.mark.parametrize(("name", "channels", "size"), SHAPE_CASES)

@@ -88,6 +88,7 @@ class Scorer:
         iterable of (ScorerInputs, labels) chunks."""
         self._chunks: list[tuple[ScorerInputs, np.ndarray | None]] = []
         self.fitted_ = False
+        self._start_fit()
         for chunk, y in iter_chunks(data, labels):
             self._accumulate(chunk, y)
         self._finalize()
@@ -100,6 +101,13 @@ class Scorer:
         self._accumulate(chunk, labels)
         self.fitted_ = False
         return self
+
+    def _start_fit(self) -> None:
+        """Forget what an earlier fit accumulated (scorers that stream override it)."""
+
+    def _pending(self) -> bool:
+        """Whether partial fits have added samples that :meth:`_finalize` has not used."""
+        return bool(getattr(self, "_chunks", None))
 
     def _accumulate(self, chunk: ScorerInputs, labels) -> None:
         if self.needs_fit:
@@ -125,7 +133,7 @@ class Scorer:
         if not self.needs_fit:
             return
         if not getattr(self, "fitted_", False):
-            if getattr(self, "_chunks", None):
+            if self._pending():
                 self._finalize()
                 return
             raise NotFittedError(f"{self.method_id or type(self).__name__}: call fit on known training samples "
@@ -222,9 +230,10 @@ def check_chunk_size(chunk_size: int | None) -> int | None:
     return None if chunk_size is None else int(chunk_size)
 
 
-def class_counts(y: np.ndarray, k: int, method: str) -> np.ndarray:
-    """Training samples per class (K); DataError naming ``method`` if a class has none."""
-    counts = np.bincount(y, minlength=k)
+def class_counts(y: np.ndarray, k: int, method: str, counted: bool = False) -> np.ndarray:
+    """Training samples per class (K); DataError naming ``method`` if a class has none.
+    ``counted``: ``y`` already holds the K counts."""
+    counts = np.asarray(y) if counted else np.bincount(y, minlength=k)
     if (counts == 0).any():
         missing = np.flatnonzero(counts == 0).tolist()
         raise DataError(f"{method} needs training samples of every class; none for {missing}")
@@ -234,9 +243,48 @@ def class_counts(y: np.ndarray, k: int, method: str) -> np.ndarray:
 def float_rows(inputs: ScorerInputs, name: str, method: str) -> np.ndarray:
     """The field ``name`` of ``inputs`` as a float64 N×D NumPy array; DataError naming
     ``method`` when it was not computed, is not a matrix or holds NaN or infinite values."""
-    x = torch.as_tensor(inputs.get(name, method)).detach().cpu().to(torch.float64).numpy()
+    return _finite(matrix_field(inputs, name, method).cpu().to(torch.float64).numpy(), name, method)
+
+
+#: rows per chunk of :func:`float_row_chunks` (at D = 2048, 512 MB in float64)
+ROW_CHUNK = 1 << 15
+
+
+def matrix_field(inputs: ScorerInputs, name: str, method: str) -> torch.Tensor:
+    """The field ``name`` of ``inputs`` as a tensor (not copied); DataError unless it is N×D."""
+    x = torch.as_tensor(inputs.get(name, method)).detach()
     if x.ndim != 2:
         raise DataError(f"{method}: {name} must be N×D, got shape {tuple(x.shape)}")
+    return x
+
+
+def float_row_chunks(inputs: ScorerInputs, name: str, method: str, rows: int = ROW_CHUNK):
+    """:func:`float_rows` streamed: (start, float64 n×D NumPy chunk) for consecutive
+    chunks of ``rows`` rows, so that no float64 copy of the whole field is formed (the
+    same checks, chunk by chunk)."""
+    x = matrix_field(inputs, name, method)
+    for start in range(0, len(x), rows):
+        yield start, _finite(x[start:start + rows].cpu().to(torch.float64).numpy(), name, method)
+
+
+def float_row_blocks(parts: list[ScorerInputs], name: str, method: str, rows: int = ROW_CHUNK):
+    """The rows of the field ``name`` of every part, one part after another, as float64
+    NumPy blocks of exactly ``rows`` rows (the last one shorter): the same blocks
+    however the rows were split into parts, so sums over blocks do not depend on it."""
+    pending, held = [], 0
+    for part in parts:
+        for _, x in float_row_chunks(part, name, method, rows):
+            pending.append(x)
+            held += len(x)
+            while held >= rows:
+                block = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                yield block[:rows]
+                pending, held = ([block[rows:]] if len(block) > rows else []), len(block) - rows
+    if held:
+        yield np.concatenate(pending) if len(pending) > 1 else pending[0]
+
+
+def _finite(x: np.ndarray, name: str, method: str) -> np.ndarray:
     if not np.isfinite(x).all():
         raise DataError(f"{method}: {name} contain NaN or infinite values")
     return x

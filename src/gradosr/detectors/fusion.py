@@ -37,7 +37,10 @@ gradient ``source``. A calibrator (:mod:`gradosr.detectors.calibration`) combine
 The signals' scores are combined by a calibrator fitted on held-out knowns
 (``combine="sum"``: the sum of z-scores; ``combine="fisher"``: Fisher's combination of
 empirical p-values, :mod:`gradosr.detectors.calibration`). kNN uses the k-th nearest
-training sample, k = min(``k``, the smallest class's training count).
+training sample, k = min(``k``, the smallest class's training count). The kNN signals
+keep float64 banks (searched by the torch backend, :mod:`gradosr.detectors.search`):
+the z-scores divide by the held-out knowns' spread, which turns a float32 bank's
+rounding into changes of ~1e-5 of the fused score.
 
 Inputs (:class:`gradosr.detectors.inputs.ScorerInputs`): ``logits`` N×K, ``features``
 N×D and the gradient representations the configuration reads: ``logit_grad`` N×K (the
@@ -121,9 +124,9 @@ def signal_scorers(config: FusionConfig) -> dict[str, Scorer]:
         if s == "gradient" and config.gradient_metric == "mahalanobis":
             out[s] = Mahalanobis(source=rep[0])
         elif s == "gradient":
-            out[s] = KNN(config.k, factors=rep, normalize=config.gradient_rep != "norms")
+            out[s] = KNN(config.k, factors=rep, normalize=config.gradient_rep != "norms", bank_dtype="float64")
         elif s == "features":
-            out[s] = KNN(config.k)
+            out[s] = KNN(config.k, bank_dtype="float64")
         elif s == "max_logit":
             out[s] = MLS()
         elif s == "gradnorm":

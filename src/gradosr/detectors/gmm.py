@@ -22,7 +22,8 @@ by c shifts every score by −D log c and leaves their order unchanged. tr(Σ̄)
 class a single point) raises DataError. The inverse and the log-determinant come from
 the eigendecomposition of Σ_k + λI (eigenvalues below 0 from rounding set to 0 first);
 distances by explicit differences in whitened coordinates, float64, chunked over
-queries.
+queries. The means and per-class scatters are accumulated in one streamed float64 pass
+(:class:`gradosr.detectors.mahalanobis.ClassMoments`, K·D² memory).
 
 Differences from the references: pytorch-ood's GMM adds an absolute 1e-6·I and scores
 min_k of the Mahalanobis terms (h − μ_k)ᵀ(Σ_k + 1e-6 I)⁻¹(h − μ_k) / D alone, without the
@@ -36,9 +37,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradosr.detectors.base import Scorer, check_chunk_size, check_labels, float_rows
+from gradosr.detectors.base import Scorer, check_chunk_size, class_counts, float_rows
 from gradosr.detectors.inputs import ScorerInputs
-from gradosr.detectors.mahalanobis import Mahalanobis
+from gradosr.detectors.mahalanobis import ClassMoments, accumulate_moments
 from gradosr.detectors.registry import register
 from gradosr.errors import ConfigError, DataError
 
@@ -67,26 +68,41 @@ class GMM(Scorer):
                        "regularisation": "ridge lambda = ridge * tr(tied covariance) / D", "ridge": float(ridge),
                        "lambda": None, "class_prior": "none (max over classes)"}
 
-    def _fit(self, inputs: ScorerInputs, labels: np.ndarray) -> None:
+    def _start_fit(self) -> None:
+        self._moments = ClassMoments(per_class=True)
+
+    def _pending(self) -> bool:
+        return getattr(self, "_moments", None) is not None and self._moments.n > 0 \
+            and not getattr(self, "fitted_", False)
+
+    def _accumulate(self, chunk: ScorerInputs, labels) -> None:
+        """Add one chunk to the class means and per-class scatters (streamed, float64)."""
+        if getattr(self, "_moments", None) is None:
+            self._start_fit()
+        accumulate_moments([self._moments], chunk, labels, "features", "GMM")
+
+    def _finalize(self) -> None:
         """Class means, per-class whitening matrices of Σ_k + λI and their log-determinants."""
-        h = float_rows(inputs, "features", "GMM")
-        y, _ = check_labels(labels, len(h), inputs)
-        tied = Mahalanobis().fit(inputs, y)  # class means (DataError for an empty class) and Σ̄
-        means, d = tied.means_, h.shape[1]
-        lam = float(self.ridge) * np.trace(tied.cov_) / d
+        m = getattr(self, "_moments", None)
+        if m is None or m.flush().n == 0:
+            raise DataError(f"{self.method_id}: fit needs at least one training sample")
+        counts = class_counts(m.counts, len(m.counts), "GMM", counted=True)
+        means, d = m.means.copy(), m.means.shape[1]
+        lam = float(self.ridge) * np.trace(m.covariance()) / d
         if not lam > 0:
             raise DataError("GMM: the training features have no within-class variance (every class is one point)")
         whiten = np.empty((len(means), d, d))
         log_dets = np.empty(len(means))
         for c in range(len(means)):  # one eigendecomposition per class
-            centred = h[y == c] - means[c]
-            cov = centred.T @ centred / len(centred)
+            cov = m.scatter[c] / counts[c]
             eig, u = np.linalg.eigh((cov + cov.T) / 2)
             eig = np.maximum(eig, 0.0) + lam
             whiten[c] = u / np.sqrt(eig)
             log_dets[c] = np.log(eig).sum()
         self.means_, self.whiten_, self.log_dets_, self.ridge_ = means, whiten, log_dets, lam
         self._restored()
+        self._chunks = []
+        self.fitted_ = True
 
     def _restored(self) -> None:
         self.means_ = np.asarray(self.means_, dtype=np.float64)

@@ -16,11 +16,13 @@ k = min(50, size of the smallest training class): the paper's k = 50 for CIFAR-1
 reduced when some known class has fewer than 50 training samples (docs/design.md, "Architecture"); the
 k actually used is recorded in ``params["k"]``. No training-set subsampling.
 
-Brute force, exact, in float64: per chunk of queries, the k nearest are selected with
-``torch.topk`` on 2 z·z_i − ‖z_i‖² (= ‖z‖² − ‖z − z_i‖², the same order as the
-distance, also for zero vectors), and the k-th distance is then recomputed from the
-selected training vector by explicit differences. Chunks hold at most about 2²² query ×
-training entries; chunking does not change the results.
+Exact brute force (:mod:`gradosr.detectors.search`): the normalised training features
+are stored in ``bank_dtype`` (float32 by default; float16 halves the bank; float64 is
+what runs saved before it hold), the k nearest are found by the ``backend`` (``auto``:
+FAISS ``IndexFlatL2`` when installed, else the chunked torch top-k, whose memory is
+bounded by the block; the backend used is ``params["backend"]``), and the k-th distance
+is then recomputed in float64 from the selected bank row by explicit differences.
+Chunking and the backend do not change the neighbours beyond float rounding of near-ties.
 
 The same scorer serves other representations through two parameters:
 
@@ -40,17 +42,33 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import Scorer, check_chunk_size, check_labels, class_counts, float_rows
+from gradosr.detectors.base import (Scorer, check_chunk_size, check_labels, class_counts, float_row_chunks,
+                                    float_rows, matrix_field)
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.registry import register
+from gradosr.detectors.search import Bank, blocked_topk, check_backend, check_bank_dtype, compute_dtype, resolve_backend
 from gradosr.errors import CheckpointError, ConfigError, DataError
 
 _NORM_EPS = 1e-12
 
 
 def _factor(outputs: ScorerInputs, name: str, what: str, normalize: bool) -> torch.Tensor:
-    f = torch.from_numpy(float_rows(outputs, name, f"kNN ({what})"))
+    return _normalised(torch.from_numpy(float_rows(outputs, name, f"kNN ({what})")), normalize)
+
+
+def _normalised(f: torch.Tensor, normalize: bool) -> torch.Tensor:
     return f / f.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS) if normalize else f
+
+
+def fill_bank(outputs: ScorerInputs, name: str, method: str, bank_dtype: str, metric: str, backend: str,
+              device, transform) -> Bank:
+    """A :class:`Bank` of ``transform(start, float64 chunk)`` over the rows of the field ``name``,
+    filled chunk by chunk (no float64 copy of the whole field)."""
+    x = matrix_field(outputs, name, method)
+    bank = Bank(len(x), x.shape[1], bank_dtype, metric, backend, device)
+    for start, chunk in float_row_chunks(outputs, name, method):
+        bank.put(transform(start, torch.from_numpy(chunk)))
+    return bank.done()
 
 
 @register
@@ -62,10 +80,14 @@ class KNN(Scorer):
     needs_fit = True
 
     def __init__(self, k: int = 50, chunk_size: int | None = None, factors: tuple[str, ...] = ("features",),
-                 normalize: bool = True) -> None:
+                 normalize: bool = True, backend: str = "auto", bank_dtype: str = "float32",
+                 device: str = "cpu") -> None:
         """``k``: the largest k (reduced to the smallest class size at fit);
         ``chunk_size``: queries per block (None: automatic); it does not change results;
-        ``factors``, ``normalize``: the representation (module docstring)."""
+        ``factors``, ``normalize``: the representation (module docstring); ``backend``:
+        ``auto``, ``torch`` or ``faiss`` (FAISS searches one float32 factor);
+        ``bank_dtype``: ``float32``, ``float16`` or ``float64``; ``device``: where the
+        torch backend keeps the bank and searches (e.g. ``cuda``)."""
         if isinstance(k, bool) or int(k) != k or k < 1:
             raise ConfigError(f"k must be a positive integer, got {k!r}")
         factors = tuple(factors)
@@ -73,12 +95,15 @@ class KNN(Scorer):
             raise ConfigError(f"kNN takes one factor, or several L2-normalised ones; got {list(factors)} "
                               f"with normalize={normalize}")
         self.k, self.chunk_size, self.factors, self.normalize = k, chunk_size, factors, bool(normalize)
+        self.backend, self.bank_dtype, self.device = check_backend(backend), bank_dtype, device
+        check_bank_dtype(bank_dtype)
         self.k_max = int(k)
         check_chunk_size(chunk_size)
         self.needs = factors
         self.params = {"k_max": self.k_max, "k": None, "normalize": "l2" if normalize else "none",
                        "distance": "euclidean" if len(factors) == 1 else "cosine of the factors' outer product",
-                       **({"factors": list(factors)} if factors != ("features",) else {})}
+                       **({"factors": list(factors)} if factors != ("features",) else {}),
+                       "backend": None, "bank_dtype": bank_dtype}
         self.bank_: list[torch.Tensor] | None = None
 
     def _factors(self, outputs: ScorerInputs, what: str) -> list[torch.Tensor]:
@@ -89,16 +114,23 @@ class KNN(Scorer):
 
     def _fit(self, outputs: ScorerInputs, labels: np.ndarray) -> None:
         """Stores the (normalised) training factors; k = min(k_max, smallest class size)."""
-        bank = self._factors(outputs, "fit")
-        y, n_classes = check_labels(labels, len(bank[0]), outputs)
+        sizes = [len(matrix_field(outputs, name, "kNN (fit)")) for name in self.factors]
+        if any(n != sizes[0] for n in sizes):
+            raise DataError(f"fit: the factors {list(self.factors)} have different numbers of rows")
+        y, n_classes = check_labels(labels, sizes[0], outputs)
         counts = class_counts(y, n_classes, "kNN")
         self.k_ = int(min(self.k_max, counts.min()))
-        self.bank_ = [b.contiguous() for b in bank]
+        backend = self._resolved_backend()
+        self.banks_ = [fill_bank(outputs, name, "kNN (fit)", self.bank_dtype, "l2", backend, self.device,
+                                 lambda _, f: _normalised(f, self.normalize)) for name in self.factors]
         self._restored()
 
+    def _resolved_backend(self) -> str:
+        return resolve_backend(self.backend, self.bank_dtype, faiss_supported=len(self.factors) == 1)
+
     def _restored(self) -> None:
-        self.train_sq_ = (self.bank_[0] * self.bank_[0]).sum(dim=1)
-        self.params = {**self.params, "k": self.k_}
+        self.bank_ = [b.rows for b in self.banks_]
+        self.params = {**self.params, "k": self.k_, "backend": self.banks_[0].backend}
 
     def kth_distances(self, outputs: ScorerInputs) -> np.ndarray:
         """Distance N of each query to its k-th nearest training sample (float64)."""
@@ -107,24 +139,35 @@ class KNN(Scorer):
         for q, b in zip(query, self.bank_):
             if q.shape[1] != b.shape[1]:
                 raise DataError(f"feature dimension {q.shape[1]} does not match the fitted {b.shape[1]}")
-        m = len(self.bank_[0])
-        chunk = self.chunk_size or max(1, (1 << 22) // m)
-        out = torch.empty(len(query[0]), dtype=torch.float64)
-        for start in range(0, len(out), chunk):
-            rows = slice(start, start + chunk)
-            if len(query) == 1:
-                block, train = query[0][rows], self.bank_[0]
-                key = torch.addmm(self.train_sq_, block, train.T, beta=-1.0, alpha=2.0)
-                idx = torch.topk(key, self.k_, dim=1, largest=True, sorted=True).indices[:, -1]
-                out[rows] = (block - train[idx]).norm(dim=1)
-            else:
-                sim = None
-                for q, b in zip(query, self.bank_):
-                    s = q[rows] @ b.T
-                    sim = s if sim is None else sim * s
-                d = (2.0 - 2.0 * sim).clamp_min(0.0).sqrt()
-                out[rows] = torch.topk(d, self.k_, dim=1, largest=False, sorted=True).values[:, -1]
-        return out.numpy()
+        if len(query) == 1:
+            idx = self.banks_[0].search(query[0], self.k_, query_chunk=self.chunk_size)[:, -1]
+            return (query[0] - self._rows64(0, idx)).norm(dim=1).numpy()
+        c = compute_dtype(self.bank_[0].dtype)
+        qs = [q.to(self.bank_[0].device, c) for q in query]
+
+        def block_key(rows: slice, cols: slice) -> torch.Tensor:
+            sim = None
+            for q, b in zip(qs, self.bank_):
+                s = q[rows] @ b[cols].to(c).T
+                sim = s if sim is None else sim * s
+            return -sim
+
+        idx = blocked_topk(len(qs[0]), len(self.bank_[0]), self.k_, block_key, self.chunk_size)[1][:, -1].cpu()
+        # 1 − Π_f cos_f without cancellation: with e_f = 1 − cos_f = ‖a_f − b_f‖²/2 for unit
+        # vectors (1 when either is zero), r ← r + e_f − r·e_f gives r = 1 − Π (1 − e_f)
+        r = torch.zeros(len(idx), dtype=torch.float64)
+        for i, q in enumerate(query):
+            b = self._rows64(i, idx)
+            e = (q - b).square().sum(dim=1) / 2
+            e = torch.where((q.norm(dim=1) > 0.5) & (b.norm(dim=1) > 0.5), e, torch.ones_like(e))
+            r = r + e - r * e
+        return (2.0 * r).clamp_min(0.0).sqrt().numpy()
+
+    def _rows64(self, factor: int, idx: torch.Tensor) -> torch.Tensor:
+        """The bank rows ``idx`` of one factor in float64, normalised again in float64
+        (so that a float32 or float16 bank's rounding leaves them unit vectors)."""
+        rows = self.bank_[factor][idx.to(self.bank_[factor].device)].cpu().to(torch.float64)
+        return _normalised(rows, self.normalize)
 
     def score_samples(self, outputs: ScorerInputs) -> np.ndarray:
         """−(distance to the k-th nearest training sample) -> N (float64)."""
@@ -132,15 +175,22 @@ class KNN(Scorer):
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         self.check_fitted()
-        tensors = {f"bank.{i}": b for i, b in enumerate(self.bank_)}
-        return tensors, {"method_id": self.method_id, "params": {"k": self.k_max, "factors": list(self.factors),
-                                                                 "normalize": self.normalize}, "fitted": {"k_": self.k_}}
+        tensors = {f"bank.{i}": b.cpu().contiguous() for i, b in enumerate(self.bank_)}
+        params = {"k": self.k_max, "factors": list(self.factors), "normalize": self.normalize,
+                  "backend": self.backend, "bank_dtype": self.bank_dtype}
+        return tensors, {"method_id": self.method_id, "params": params, "fitted": {"k_": self.k_}}
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "KNN":
+        """The stored scorer; a bank stored without ``bank_dtype`` (before it existed)
+        is float64 and stays so, which scores exactly as it did."""
         try:
-            self = cls(**meta["params"])
-            self.bank_ = [tensors[f"bank.{i}"].to(torch.float64) for i in range(len(self.factors))]
+            params = dict(meta["params"])
+            params.setdefault("bank_dtype", "float64")
+            self = cls(**params)
+            backend = self._resolved_backend()
+            self.banks_ = [Bank.of(tensors[f"bank.{i}"], self.bank_dtype, "l2", backend, self.device)
+                           for i in range(len(self.factors))]
             self.k_ = int(meta["fitted"]["k_"])
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"the stored kNN scorer is incomplete: {exc}") from None

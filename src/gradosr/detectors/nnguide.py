@@ -21,8 +21,12 @@ scaled bank), not by the cosine alone.
 of the smallest known training class when a class has fewer samples (as for ``knn``);
 the k used is ``params["k"]``. The paper's ImageNet bank is a random 1% of the training
 set, a saving for 1.28M images; here the bank is the whole known training set (no
-sampling, deterministic). Exact brute force in float64, chunked over queries (about 2²²
-query × bank entries per block); chunking does not change the results.
+sampling, deterministic). Exact search (:mod:`gradosr.detectors.search`, metric ``ip``):
+the bank is stored in ``bank_dtype`` (float32 by default, float16 or float64), the k
+neighbours are found by the ``backend`` (``auto``: FAISS ``IndexFlatIP`` when installed,
+else the chunked torch top-k; recorded in ``params["backend"]``), and their inner
+products are recomputed in float64 from the stored rows. Chunking does not change the
+results.
 
 Differences from the references: OpenOOD v1.5 uses k = 100 with a 1% bank (and adds
 1e-10 to the normalised features); pytorch-ood's NNGuide searches neighbours with the
@@ -35,11 +39,14 @@ ResNet-50; that is a separate method (not applied here).
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.special import logsumexp
 
-from gradosr.detectors.base import Scorer, check_chunk_size, check_labels, class_counts, float_rows
+from gradosr.detectors.base import Scorer, check_chunk_size, check_labels, class_counts, float_rows, matrix_field
 from gradosr.detectors.inputs import ScorerInputs
+from gradosr.detectors.knn import fill_bank
 from gradosr.detectors.registry import register
+from gradosr.detectors.search import Bank, check_backend, check_bank_dtype, resolve_backend
 from gradosr.errors import ConfigError, DataError
 
 _NORM_EPS = 1e-12
@@ -61,36 +68,54 @@ class NNGuide(Scorer):
     _state_tensors = ("bank_",)
     _state_meta = ("k_",)
 
-    def __init__(self, k: int = NNGUIDE_K, chunk_size: int | None = None) -> None:
+    def __init__(self, k: int = NNGUIDE_K, chunk_size: int | None = None, backend: str = "auto",
+                 bank_dtype: str = "float32", device: str = "cpu") -> None:
         """``k``: the largest number of neighbours (reduced to the smallest class size at
-        fit); ``chunk_size``: queries per block (None: automatic); it does not change results."""
+        fit); ``chunk_size``: queries per block (None: automatic); it does not change
+        results; ``backend``, ``bank_dtype``, ``device``: the search (module docstring)."""
         if isinstance(k, bool) or int(k) != k or k < 1:
             raise ConfigError(f"k must be a positive integer, got {k!r}")
         self.k = k
         self.chunk_size = check_chunk_size(chunk_size)
+        self.backend, self.bank_dtype, self.device = check_backend(backend), bank_dtype, device
+        check_bank_dtype(bank_dtype)
         self.params = {"layer": "penultimate features (L2-normalised) + logits", "confidence": "energy (T = 1)",
-                       "k_max": int(k), "k": None, "bank": "all known training samples"}
+                       "k_max": int(k), "k": None, "bank": "all known training samples", "backend": None,
+                       "bank_dtype": bank_dtype}
 
     def _rows(self, inputs: ScorerInputs) -> tuple[np.ndarray, np.ndarray]:
         """(normalised features N×D, energies N)."""
         h = float_rows(inputs, "features", "NNGuide")
+        return _normalised(h), self._energy(inputs, len(h))
+
+    @staticmethod
+    def _energy(inputs: ScorerInputs, n: int) -> np.ndarray:
         z = float_rows(inputs, "logits", "NNGuide")
-        if len(z) != len(h):
-            raise DataError(f"NNGuide: {len(z)} logit rows but {len(h)} feature rows")
-        return _normalised(h), logsumexp(z, axis=1)
+        if len(z) != n:
+            raise DataError(f"NNGuide: {len(z)} logit rows but {n} feature rows")
+        return logsumexp(z, axis=1)
 
     def _fit(self, inputs: ScorerInputs, labels: np.ndarray) -> None:
         """The bank E(x_i)·ĥ_i of the training samples; k = min(k, smallest class size)."""
-        h, energy = self._rows(inputs)
-        y, n_classes = check_labels(labels, len(h), inputs)
+        n = len(matrix_field(inputs, "features", "NNGuide"))
+        energy = torch.from_numpy(self._energy(inputs, n))
+        y, n_classes = check_labels(labels, n, inputs)
         self.k_ = int(min(int(self.k), class_counts(y, n_classes, "NNGuide").min()))
-        self.bank_ = h * energy[:, None]
+
+        def scaled(start: int, h: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(_normalised(h.numpy())) * energy[start:start + len(h), None]
+
+        self.index_ = fill_bank(inputs, "features", "NNGuide", self.bank_dtype, "ip",
+                                resolve_backend(self.backend, self.bank_dtype), self.device, scaled)
         self._restored()
 
     def _restored(self) -> None:
-        self.bank_ = np.ascontiguousarray(np.asarray(self.bank_, dtype=np.float64))
+        if not hasattr(self, "index_"):  # from_state: the stored bank
+            self.index_ = Bank.of(torch.as_tensor(self.bank_), self.bank_dtype, "ip",
+                                  resolve_backend(self.backend, self.bank_dtype), self.device)
+        self.bank_ = self.index_.rows
         self.k_ = int(self.k_)
-        self.params = {**self.params, "k": self.k_}
+        self.params = {**self.params, "k": self.k_, "backend": self.index_.backend}
 
     def guidance(self, inputs: ScorerInputs) -> tuple[np.ndarray, np.ndarray]:
         """(guidance G N, energy E N) of the queries (float64)."""
@@ -98,14 +123,10 @@ class NNGuide(Scorer):
         h, energy = self._rows(inputs)
         if h.shape[1] != self.bank_.shape[1]:
             raise DataError(f"feature dimension {h.shape[1]} does not match the fitted {self.bank_.shape[1]}")
-        m = len(self.bank_)
-        chunk = self.chunk_size or max(1, (1 << 22) // m)
-        out = np.empty(len(h))
-        for start in range(0, len(h), chunk):
-            sim = h[start : start + chunk] @ self.bank_.T
-            top = np.partition(sim, m - self.k_, axis=1)[:, m - self.k_ :]
-            out[start : start + chunk] = np.sort(top, axis=1).mean(axis=1)
-        return out, energy
+        q = torch.from_numpy(h)
+        idx = self.index_.search(q, self.k_, query_chunk=self.chunk_size)
+        sims = torch.einsum("nd,nkd->nk", q, self.bank_[idx].to(torch.float64))
+        return np.sort(sims.numpy(), axis=1).mean(axis=1), energy
 
     def score_samples(self, inputs: ScorerInputs) -> np.ndarray:
         """E(x) · G(x) -> N (float64), higher = more likely known."""

@@ -19,7 +19,8 @@ higher = more likely known. No hyperparameters. Both Gaussians are fitted, inver
 and evaluated by :class:`gradosr.detectors.mahalanobis.Mahalanobis` (the background one
 as a single class): Σ⁺ and Σ_0⁺ are pseudo-inverses with the ``scipy.linalg.pinvh``
 eigenvalue cutoff D·eps·max|λ|, distances by explicit differences in whitened
-coordinates, float64, chunked over queries.
+coordinates, float64, chunked over queries. Both Gaussians are accumulated in the same
+single streamed float64 pass (:class:`gradosr.detectors.mahalanobis.ClassMoments`).
 
 Differences from the references: OpenOOD v1.5's RMDS uses ``sklearn`` ``EmpiricalCovariance``
 precisions (the same 1/N covariances and a pinvh inverse) in float32; pytorch-ood's RMD
@@ -32,12 +33,12 @@ paper, with the pseudo-inverse of ``mahalanobis`` instead of a ridge.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from gradosr.detectors.base import Scorer, check_chunk_size, check_labels, class_counts, float_rows
+from gradosr.detectors.base import Scorer, check_chunk_size, class_counts
 from gradosr.detectors.inputs import ScorerInputs
-from gradosr.detectors.mahalanobis import Mahalanobis
+from gradosr.detectors.mahalanobis import ClassMoments, Mahalanobis, accumulate_moments, pinv_sqrt
 from gradosr.detectors.registry import register
+from gradosr.errors import DataError
 
 
 def _restored_mahalanobis(means: np.ndarray, whiten: np.ndarray, chunk_size: int | None) -> Mahalanobis:
@@ -65,17 +66,31 @@ class RMDS(Scorer):
                        "inverse": "pseudo-inverse, eigenvalue cutoff D*eps*max", "rank": None,
                        "background_rank": None}
 
-    def _fit(self, inputs: ScorerInputs, labels: np.ndarray) -> None:
+    def _start_fit(self) -> None:
+        self._moments = [ClassMoments(), ClassMoments()]  # the classes, the background
+
+    def _pending(self) -> bool:
+        return getattr(self, "_moments", None) is not None and self._moments[0].n > 0 \
+            and not getattr(self, "fitted_", False)
+
+    def _accumulate(self, chunk: ScorerInputs, labels) -> None:
+        """Add one chunk to the class-conditional and the background Gaussians (streamed)."""
+        if getattr(self, "_moments", None) is None:
+            self._start_fit()
+        accumulate_moments(self._moments, chunk, labels, "features", "RMDS", single_class=[False, True])
+
+    def _finalize(self) -> None:
         """The class-conditional Gaussians (tied covariance) and the background Gaussian."""
-        x = float_rows(inputs, "features", "RMDS")
-        y, k = check_labels(labels, len(x), inputs)
-        class_counts(y, k, "RMDS")
-        classes = Mahalanobis(chunk_size=self.chunk_size).fit(inputs, y)
-        background = Mahalanobis(chunk_size=self.chunk_size).fit(ScorerInputs(features=torch.from_numpy(x)),
-                                                                  np.zeros(len(x), dtype=np.int64))
-        self.means_, self.whiten_ = classes.means_, classes.whiten_
-        self.background_mean_, self.background_whiten_ = background.means_, background.whiten_
+        classes, background = getattr(self, "_moments", None) or (None, None)
+        if classes is None or classes.flush().n == 0:
+            raise DataError(f"{self.method_id}: fit needs at least one training sample")
+        class_counts(classes.counts, len(classes.counts), "RMDS", counted=True)
+        self.means_, self.whiten_ = classes.means.copy(), pinv_sqrt(classes.covariance())
+        background.flush()
+        self.background_mean_, self.background_whiten_ = background.means.copy(), pinv_sqrt(background.covariance())
         self._restored()
+        self._chunks = []
+        self.fitted_ = True
 
     def _restored(self) -> None:
         for name in self._state_tensors:  # C-ordered float64, as after a save/load round trip

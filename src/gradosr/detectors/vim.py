@@ -33,6 +33,12 @@ higher = OOD. Here
 a strictly decreasing function of P_v (the same ranking, the form the authors' code
 returns), higher = more likely known. Computed in float64; finite for finite inputs.
 
+**Fit at scale**: two streamed passes over float64 blocks of the training features
+(:func:`gradosr.detectors.base.float_row_blocks`, the same blocks however the rows are
+chunked): the D×D second moment about u, then the residual and feature norms for α;
+no float64 copy of the N×D features is formed, and a chunked fit keeps its chunks
+without concatenating them. The eigendecomposition is of the D×D moment only.
+
 A training set whose features lie (numerically) inside the principal subspace (mean
 residual norm ≤ √eps times the mean ‖x − u‖) raises DataError: α would be unbounded.
 
@@ -48,7 +54,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp
 
-from gradosr.detectors.base import Scorer, float_rows, head_rows
+from gradosr.detectors.base import Scorer, float_row_blocks, float_rows, head_rows, matrix_field
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.registry import register
 from gradosr.errors import ConfigError, DataError
@@ -82,33 +88,49 @@ class ViM(Scorer):
                        "dim_rule": "given" if dim is not None else "1000 if D>=2048, 512 if D>=768, else D//2",
                        "dim": dim, "alpha": None}
 
-    def _fit(self, inputs: ScorerInputs, labels) -> None:
-        """Origin u, residual basis (D×(D−dim)) and α from the training features."""
-        x = float_rows(inputs, "features", "ViM")
-        z = float_rows(inputs, "logits", "ViM")
-        n, d = x.shape
-        if len(z) != n:
-            raise DataError(f"ViM: {len(z)} logit rows but {n} feature rows")
+    def _finalize(self) -> None:
+        """Origin u, residual basis (D×(D−dim)) and α from the training features: the
+        chunks kept by the fit, read in two streamed passes (module docstring)."""
+        parts = [c for c, _ in getattr(self, "_chunks", [])]
+        if not parts or not sum(len(matrix_field(p, "features", "ViM")) for p in parts):
+            raise DataError(f"{self.method_id}: fit needs at least one training sample")
+        self._fit_parts(parts)
+        self._chunks = []
+        self.fitted_ = True
+
+    def _fit_parts(self, parts: list[ScorerInputs]) -> None:
+        logits = [float_rows(p, "logits", "ViM") for p in parts]  # N×K: small
+        sizes = [len(matrix_field(p, "features", "ViM")) for p in parts]
+        n, d = sum(sizes), matrix_field(parts[0], "features", "ViM").shape[1]
+        if sum(len(z) for z in logits) != n:
+            raise DataError(f"ViM: {sum(len(z) for z in logits)} logit rows but {n} feature rows")
         if d < 2:
             raise DataError(f"ViM needs a feature dimension of at least 2 (a principal subspace and a residual), "
                             f"got {d}")
         dim = principal_dim(d) if self.dim is None else int(self.dim)
         if dim >= d:
             raise DataError(f"ViM: the principal subspace (dim {dim}) must be smaller than the feature dimension {d}")
-        w, b = head_rows(inputs, z.shape[1], d, "ViM")
+        w, b = head_rows(parts[0], logits[0].shape[1], d, "ViM")
         origin = -np.linalg.pinv(w) @ b
-        centred = x - origin
-        moment = centred.T @ centred / n
+        moment = np.zeros((d, d))
+        for x in float_row_blocks(parts, "features", "ViM"):
+            centred = x - origin
+            moment += centred.T @ centred
+        moment /= n
         _, vectors = np.linalg.eigh((moment + moment.T) / 2)  # ascending eigenvalues
         residual_basis = vectors[:, : d - dim]
-        residual = np.linalg.norm(centred @ residual_basis, axis=1).mean()
-        scale = np.linalg.norm(centred, axis=1).mean()
+        residual = scale = 0.0
+        for x in float_row_blocks(parts, "features", "ViM"):
+            centred = x - origin
+            residual += np.linalg.norm(centred @ residual_basis, axis=1).sum()
+            scale += np.linalg.norm(centred, axis=1).sum()
+        residual, scale = residual / n, scale / n
         if not residual > np.sqrt(np.finfo(np.float64).eps) * scale:
             raise DataError(f"ViM: the training features lie in their {dim}-dimensional principal subspace "
                             "(no residual to match the logits to); give a smaller dim")
         self.origin_ = origin
         self.residual_basis_ = np.ascontiguousarray(residual_basis)
-        self.alpha_ = float(z.max(axis=1).mean() / residual)
+        self.alpha_ = float(np.concatenate(logits).max(axis=1).mean() / residual)
         self._restored()
 
     def _restored(self) -> None:

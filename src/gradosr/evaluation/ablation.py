@@ -182,11 +182,12 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
         proxies = ProxyStore(root=run.run.root)
         for v in progress_bar(variants, desc=f"split {run.split}", disable=not settings.progress, unit="variant"):
             if (v.name, run.split) in done:  # an interrupted ablation resumes where it stopped
-                records.append(done[(v.name, run.split)])
+                records.append({**done[(v.name, run.split)], "cached": True})
                 continue
             t0 = time.time()
             osr = GradientOSR(v.preset, classifier=clf, train_config=config, device=settings.device,
                               seed=config.seed, proxy_store=proxies, **_options(v, clf.model)).fit(data)
+            osr.fit_seconds_ = time.time() - t0
             y_true, closed, scores = score_split(clf, data, [v.name], {v.name: osr})
             (rec,) = split_records(spec, y_true, closed, scores)
             rec["seconds"] = round(time.time() - t0, 3)

@@ -63,6 +63,20 @@ def summarise(records: list[dict]) -> dict:
     return out
 
 
+#: the cost keys of every record (measured in the run that computed it)
+COST_KEYS = ("fit_s", "score_s", "score_ms_per_1k", "forward_ms_per_1k")
+
+
+def cost_summary(records: list[dict]) -> dict:
+    """{method: {cost key: mean over the splits that measured it}}."""
+    out: dict = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        rows = [r for r in records if r["method"] == method]
+        out[method] = {k: float(np.mean(v)) for k in COST_KEYS
+                       if (v := [r[k] for r in rows if r.get(k) is not None])}
+    return out
+
+
 def versions() -> dict:
     """Versions of Python and the libraries that shape results."""
     import sklearn

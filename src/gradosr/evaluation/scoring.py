@@ -84,6 +84,21 @@ class SplitScores:
     threshold_rule: str = "tpr95-val"
     params: dict | None = None
     seconds: float = 0.0
+    #: fitting the method (None: not measured, e.g. a preset fitted elsewhere)
+    fit_s: float | None = None
+    #: scoring the test and validation rows (for a preset: its own forward and gradient passes)
+    score_s: float | None = None
+    #: rows scored (test + validation)
+    n_scored: int = 0
+    #: the forward passes of the classifier over the same rows, which the baselines share
+    forward_s: float | None = None
+    #: taken from the score cache or a reused fitted run (the times are those of the run that computed it)
+    cached: bool = False
+
+    @property
+    def score_ms_per_1k(self) -> float | None:
+        """Scoring milliseconds per 1,000 rows."""
+        return None if self.score_s is None or not self.n_scored else 1e6 * self.score_s / self.n_scored
 
 
 def available_methods(presets: str | list[str] | None = None) -> list[str]:
@@ -115,7 +130,9 @@ def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, pr
         raise ConfigError(f"unknown or unavailable methods {bad}; available: "
                           f"{', '.join(available_methods(list(fitted)))}")
     x_test, x_val = clf.inputs(test_images(data)), clf.inputs(data.val.images)
+    t0 = time.perf_counter()
     test_out, val_out = classifier_outputs(clf, x_test), classifier_outputs(clf, x_val)
+    forward_s, n_scored = time.perf_counter() - t0, len(x_test) + len(x_val)
     train_out: list[ScorerInputs] = []
 
     def compute(method: str) -> SplitScores:
@@ -125,15 +142,23 @@ def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, pr
             osr.progress = progress
             rule = (f"fixed-{osr.threshold_:g}" if osr.config_.threshold_rule == "fixed"
                     else f"tpr{osr.config_.target_tpr:g}-val")
-            return SplitScores(sharded_osr_scores(osr, x_test), sharded_osr_scores(osr, x_val), osr.threshold_,
-                               rule, osr.config_.to_dict(), time.time() - t0)
+            t1 = time.perf_counter()
+            test, val = sharded_osr_scores(osr, x_test), sharded_osr_scores(osr, x_val)
+            return SplitScores(test, val, osr.threshold_, rule, osr.config_.to_dict(), time.time() - t0,
+                               fit_s=getattr(osr, "fit_seconds_", None), score_s=time.perf_counter() - t1,
+                               n_scored=n_scored, forward_s=forward_s, cached=bool(getattr(osr, "reused_", False)))
         scorer = make_scorer(method)
+        fit_s = 0.0
         if scorer.needs_fit:
             if not train_out:
                 train_out.append(classifier_outputs(clf, clf.inputs(data.known_train.images)))
+            t1 = time.perf_counter()
             scorer.fit(train_out[0], data.known_train.labels)
-        return SplitScores(sharded_scores(scorer, test_out), sharded_scores(scorer, val_out),
-                           params=dict(scorer.params), seconds=time.time() - t0)
+            fit_s = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        test, val = sharded_scores(scorer, test_out), sharded_scores(scorer, val_out)
+        return SplitScores(test, val, params=dict(scorer.params), seconds=time.time() - t0, fit_s=fit_s,
+                           score_s=time.perf_counter() - t1, n_scored=n_scored, forward_s=forward_s)
 
     scores = {}
     for m in methods:
@@ -157,5 +182,18 @@ def split_records(spec: ProtocolSpec, y_true: np.ndarray, closed_pred: np.ndarra
                              s.threshold, s.threshold_rule)
         rec["family"], rec["own"] = describe(method)
         rec["seconds"] = round(float(s.seconds), 3)
+        rec.update(cost_keys(s))
         records.append(rec)
     return records
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def cost_keys(s: SplitScores) -> dict:
+    """The cost keys of a results record (docs/design.md, "Results schema")."""
+    forward = None if s.forward_s is None or not s.n_scored else 1e6 * s.forward_s / s.n_scored
+    return {"fit_s": _rounded(s.fit_s, 6), "score_s": _rounded(s.score_s, 6),
+            "score_ms_per_1k": _rounded(s.score_ms_per_1k, 6), "forward_ms_per_1k": _rounded(forward, 6),
+            "cached": bool(s.cached)}

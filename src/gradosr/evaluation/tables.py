@@ -24,7 +24,8 @@ COLUMNS = (
 #: the plain-text summary's columns
 TEXT_KEYS = ("auroc", "macro_f1", "macro_f1_tpr95", "oscr", "closed_acc")
 CSV_FIELDS = ("method", "family", "own", "split", "auroc", "aupr_in", "aupr_out", "fpr95", "macro_f1", "macro_f1_tpr95", "oscr",
-              "closed_acc", "threshold", "threshold_rule", "seconds")
+              "closed_acc", "threshold", "threshold_rule", "seconds", "fit_s", "score_s", "score_ms_per_1k",
+              "forward_ms_per_1k", "cached")
 
 
 def render(header: list[str], rows: list[list[str]], fmt: str = "markdown") -> str:
@@ -43,9 +44,9 @@ def mean_std(stats: dict | None, digits: int = 3) -> str:
 
 
 def summary_table(summary: dict, columns=COLUMNS, fmt: str = "markdown", digits: int = 3,
-                  bold_best: bool = True) -> str:
+                  bold_best: bool = True, extra: dict[str, dict[str, str]] | None = None) -> str:
     """One row per method, grouped by family (gradosr's own presets marked ★), mean ± std
-    per metric; with ``bold_best`` (Markdown) the best mean of each column in bold (ties
+    per metric, then the columns of ``extra`` ({title: {method: text}}); with ``bold_best`` (Markdown) the best mean of each column in bold (ties
     included; lowest for FPR@95TPR)."""
     from gradosr.detectors.registry import describe, family_order
 
@@ -64,13 +65,21 @@ def summary_table(summary: dict, columns=COLUMNS, fmt: str = "markdown", digits:
             text = mean_std(s, digits)
             bold = bold_best and fmt == "markdown" and s is not None and round(s["mean"], digits) == best[key]
             cells.append(f"**{text}**" if bold else text)
-        rows.append(cells)
-    return render(["method", "family"] + [title for _, title, _ in columns], rows, fmt)
+        rows.append(cells + [col.get(m, "–") for col in (extra or {}).values()])
+    return render(["method", "family"] + [title for _, title, _ in columns] + list(extra or {}), rows, fmt)
 
 
-def markdown_table(summary: dict) -> str:
-    """The benchmark's table (3 decimals, best in bold)."""
-    return summary_table(summary)
+def markdown_table(summary: dict, cost: dict | None = None) -> str:
+    """The benchmark's table (3 decimals, best in bold), with the cost columns of
+    ``cost`` ({method: {"score_ms_per_1k", "fit_s", ...}}, records.cost_summary)."""
+    if not cost:
+        return summary_table(summary)
+
+    def column(key: str, fmt: str) -> dict[str, str]:
+        return {m: format(c[key], fmt) for m, c in cost.items() if c.get(key) is not None}
+
+    return summary_table(summary, extra={"ms/1k": column("score_ms_per_1k", ".1f"), "fit s": column("fit_s", ".2f"),
+                                         "forward ms/1k": column("forward_ms_per_1k", ".1f")})
 
 
 def format_table(summary: dict, keys: tuple[str, ...] = TEXT_KEYS) -> str:

@@ -12,6 +12,7 @@ from gradosr.models.heads import eval_mode, find_head, find_head_name, reset_par
 from gradosr.models.lenet import LeNet
 from gradosr.models.registry import available_models, build_model
 from gradosr.models.resnet import BasicBlock, ResNet18
+from gradosr.models.resnet50 import Bottleneck, ResNet50
 
 __all__ = [
     "build_model",
@@ -26,4 +27,6 @@ __all__ = [
     "CNN32",
     "ResNet18",
     "BasicBlock",
+    "ResNet50",
+    "Bottleneck",
 ]

@@ -10,11 +10,13 @@ from gradosr.errors import ConfigError
 from gradosr.models.cnn32 import CNN32
 from gradosr.models.lenet import LeNet
 from gradosr.models.resnet import ResNet18
+from gradosr.models.resnet50 import ResNet50
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet": LeNet,
     "cnn32": CNN32,
     "resnet18": ResNet18,
+    "resnet50": ResNet50,
 }
 
 
@@ -24,7 +26,8 @@ def available_models() -> list[str]:
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 1, head: str | None = None) -> nn.Module:
-    """Build a fresh model by name (``"lenet"``, ``"cnn32"``, ``"resnet18"``) or by import
+    """Build a fresh model by name (``"lenet"``, ``"cnn32"``, ``"resnet18"``, the ImageNet-style
+    ``"resnet50"``) or by import
     path (``"package.module:factory"``, :func:`gradosr.models.user.build_user_model`);
     ``head`` names its classification layer (``--head``).
 
