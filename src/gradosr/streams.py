@@ -14,7 +14,7 @@ from one of:
   stage.
 
 :func:`as_model_inputs` turns anything the Python API accepts into one. Chunks hold
-:data:`gradosr.data.imageset.CHUNK_ROWS` rows (a multiple of the batch sizes of the
+:data:`gradosr.data.imageset.CHUNK_ROWS` rows (read when a pass starts) (a multiple of the batch sizes of the
 forward and gradient passes, so their batches are those of a one-shot pass).
 """
 
@@ -25,7 +25,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from gradosr.data.imageset import CHUNK_ROWS, ImageSource
+from gradosr.data import imageset
+from gradosr.data.imageset import ImageSource
 from gradosr.errors import DataError
 
 
@@ -38,7 +39,7 @@ class ModelInputs:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def chunks(self, rows: int = CHUNK_ROWS) -> Iterator[torch.Tensor]:
+    def chunks(self, rows: int | None = None) -> Iterator[torch.Tensor]:
         """float n×C×H×W chunks of ``rows`` rows (the last one shorter), in row order."""
         raise NotImplementedError
 
@@ -74,7 +75,8 @@ class TensorInputs(ModelInputs):
     def __len__(self) -> int:
         return len(self.x)
 
-    def chunks(self, rows: int = CHUNK_ROWS) -> Iterator[torch.Tensor]:
+    def chunks(self, rows: int | None = None) -> Iterator[torch.Tensor]:
+        rows = rows or imageset.CHUNK_ROWS
         for start in range(0, len(self.x), rows):
             yield self.x[start:start + rows]
 
@@ -102,7 +104,7 @@ class SourceInputs(ModelInputs):
     def __len__(self) -> int:
         return len(self.source)
 
-    def chunks(self, rows: int = CHUNK_ROWS) -> Iterator[torch.Tensor]:
+    def chunks(self, rows: int | None = None) -> Iterator[torch.Tensor]:
         for images in self.source.chunks(rows):
             yield self.to_inputs(images)
 
@@ -127,21 +129,22 @@ def is_torch_data(x) -> bool:
 
 
 def _split_batch(batch) -> tuple[object, object]:
-    if isinstance(batch, (list, tuple)):
-        if len(batch) != 2:
+    if isinstance(batch, (list, tuple)):  # (images, labels), or (images,) from a TensorDataset
+        if len(batch) not in (1, 2):
             raise DataError(f"a batch must be images or (images, labels), got {len(batch)} items")
-        return batch[0], batch[1]
+        return batch[0], (batch[1] if len(batch) == 2 else None)
     return batch, None
 
 
 class LoaderInputs(ModelInputs):
     """A torch Dataset or DataLoader (see the module docstring) read batch by batch."""
 
-    def __init__(self, data, to_inputs: Callable, keep: np.ndarray | None = None, rows: int = CHUNK_ROWS):
+    def __init__(self, data, to_inputs: Callable, keep: np.ndarray | None = None, rows: int | None = None):
         from torch.utils.data import DataLoader
 
         self.data, self.to_inputs, self.keep = data, to_inputs, keep
-        self.loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=rows, shuffle=False)
+        self.loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=rows or imageset.CHUNK_ROWS,
+                                                                           shuffle=False)
         self._all_labels: np.ndarray | None | bool = False  # False: not read yet
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, np.ndarray | None]]:
@@ -186,8 +189,8 @@ class LoaderInputs(ModelInputs):
         self._read_labels()
         return self._n
 
-    def chunks(self, rows: int = CHUNK_ROWS) -> Iterator[torch.Tensor]:
-        return rechunk((x for x, _ in self._batches()), rows)
+    def chunks(self, rows: int | None = None) -> Iterator[torch.Tensor]:
+        return rechunk((x for x, _ in self._batches()), rows or imageset.CHUNK_ROWS)
 
     def subset(self, index) -> "LoaderInputs":
         idx = _index(index, len(self))
@@ -243,7 +246,7 @@ class _Relabelled(ModelInputs):
     def __len__(self) -> int:
         return len(self.base)
 
-    def chunks(self, rows: int = CHUNK_ROWS):
+    def chunks(self, rows: int | None = None):
         return self.base.chunks(rows)
 
     def subset(self, index) -> "_Relabelled":
@@ -254,21 +257,21 @@ class _Relabelled(ModelInputs):
         return self.base.tensor()
 
 
-def map_chunks(fn: Callable[[torch.Tensor], np.ndarray], inputs: ModelInputs, rows: int = CHUNK_ROWS) -> np.ndarray:
+def map_chunks(fn: Callable[[torch.Tensor], np.ndarray], inputs: ModelInputs, rows: int | None = None) -> np.ndarray:
     """``fn`` (a row-wise computation returning one value per row) over every chunk of
     ``inputs``, concatenated: float64 N."""
     out = [np.asarray(fn(x), dtype=np.float64) for x in inputs.chunks(rows)]
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def chunk_rows(batch_size: int, rows: int = CHUNK_ROWS) -> int:
+def chunk_rows(batch_size: int, rows: int | None = None) -> int:
     """The chunk length for a pass in batches of ``batch_size``: the smallest multiple of
     it that holds ``rows`` rows (a chunk then splits into the batches of a one-shot pass)."""
-    batch_size = max(1, int(batch_size))
+    batch_size, rows = max(1, int(batch_size)), rows or imageset.CHUNK_ROWS
     return batch_size * max(1, -(-rows // batch_size))
 
 
-def zip_labels(inputs: ModelInputs, labels: np.ndarray, rows: int = CHUNK_ROWS):
+def zip_labels(inputs: ModelInputs, labels: np.ndarray, rows: int | None = None):
     """(inputs chunk, its labels) of ``inputs`` with the labels ``labels`` (N)."""
     start = 0
     for x in inputs.chunks(rows):

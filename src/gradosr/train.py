@@ -41,7 +41,7 @@ from gradosr.models import build_model
 from gradosr.preprocess import Preprocessing
 from gradosr.progress import progress_bar
 from gradosr.progress import write as progress_write
-from gradosr.streams import ModelInputs, SourceInputs, TensorInputs, chunk_rows, zip_labels
+from gradosr.streams import ModelInputs, SourceInputs, TensorInputs, zip_labels
 
 TRAIN_STATE_FORMAT = "gradosr.train_state"
 AUGMENTATIONS = ("none", "crop", "crop-flip")
@@ -197,7 +197,7 @@ def accuracy(model: nn.Module, x: torch.Tensor | ModelInputs, y: torch.Tensor, b
         return float("nan")
     if isinstance(x, ModelInputs):
         correct = sum(int((batched_outputs(model, xb, batch_size)[0].argmax(1) == yb).sum())
-                      for xb, yb in zip_labels(x, torch.as_tensor(y), chunk_rows(batch_size)))
+                      for xb, yb in zip_labels(x, torch.as_tensor(y)))
         return correct / len(y)
     logits, _ = batched_outputs(model, x, batch_size)
     return float((logits.argmax(1) == y).float().mean())

@@ -45,8 +45,10 @@ class ImageSource:
         """The images at ``index`` (integer array), uint8 n×H×W×C."""
         return next(iter(self.batches([np.asarray(index, dtype=np.int64)])))
 
-    def chunks(self, rows: int = CHUNK_ROWS, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
-        """Consecutive images ``start:stop`` in chunks of ``rows`` (the last one shorter)."""
+    def chunks(self, rows: int | None = None, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        """Consecutive images ``start:stop`` in chunks of ``rows`` (default
+        :data:`CHUNK_ROWS`; the last one shorter)."""
+        rows = rows or CHUNK_ROWS
         stop = len(self) if stop is None else stop
         return self.batches(np.arange(lo, min(lo + rows, stop)) for lo in range(start, stop, rows))
 

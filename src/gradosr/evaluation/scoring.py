@@ -28,7 +28,8 @@ from gradosr.classifier import Classifier
 from gradosr.data.protocols import OSRData, ProtocolSpec
 from gradosr.detectors import ScorerInputs
 from gradosr.detectors.registry import describe, make_scorer, method_ids
-from gradosr.data.imageset import CHUNK_ROWS, ImageSource, concat_sources
+from gradosr.data import imageset
+from gradosr.data.imageset import ImageSource, concat_sources
 from gradosr.distributed import map_rows
 from gradosr.errors import ConfigError, DataError
 from gradosr.evaluation.records import results_record
@@ -194,7 +195,7 @@ class _Baselines:
             cat = [np.concatenate(c) if c else np.zeros(0) for c in [preds] + [cols[m] for m in names]]
             return tuple(cat)
 
-        parts = map_rows(local, len(inputs), align=CHUNK_ROWS)
+        parts = map_rows(local, len(inputs), align=imageset.CHUNK_ROWS)
         return parts[0].astype(np.int64), dict(zip(names, parts[1:]))
 
     def split_scores(self, m: str, test: np.ndarray, val: np.ndarray, n_scored: int) -> SplitScores:
