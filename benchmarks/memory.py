@@ -64,12 +64,13 @@ def write_folder(root: Path, n: int, seed: int = 0) -> Path:
 
 def worker(job: dict) -> dict:
     """One run in this (fresh) process; returns its record."""
+    import importlib
+
     from gradosr.cli import main
-    import gradosr.evaluation.run_eval  # noqa: F401  everything the commands import, before the baseline
-    import gradosr.osr  # noqa: F401
-    import gradosr.runs  # noqa: F401
-    import sklearn.model_selection  # noqa: F401
-    import PIL.PngImagePlugin  # noqa: F401
+
+    for name in ("gradosr.evaluation.run_eval", "gradosr.osr", "gradosr.runs", "sklearn.model_selection",
+                 "PIL.PngImagePlugin"):  # everything the commands import, before the baseline
+        importlib.import_module(name)
 
     data = ["--protocol", "custom", "--dataset", f"folder:{job['folder']}", "--known", "0-5", "--unknown", "6-9"]
     common = ["--no-progress", "--device", "cpu"] + (["--in-memory"] if job["mode"] == "memory" else [])
