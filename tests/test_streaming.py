@@ -58,6 +58,9 @@ def test_streamed_folder_images_equal_the_in_memory_ones(tmp_path, workers, imag
         order = np.random.default_rng(0).permutation(len(m))
         got = np.concatenate(list(s.batches(np.array_split(order, 4))))
         np.testing.assert_array_equal(got, m.images[order])
+        before = torch.get_rng_state()
+        list(s.batches(np.array_split(order, 3)))
+        assert torch.equal(torch.get_rng_state(), before)  # the workers leave the global RNG alone
 
 
 def test_streamed_cross_protocol_converts_the_unknowns_like_the_in_memory_one(tmp_path):

@@ -149,7 +149,10 @@ class FolderImages(ImageSource):
         empty = [i for i, b in enumerate(batches) if not len(b)]
         loader = DataLoader(_Decoded(self.paths, self.chain, self.chains),
                             batch_sampler=[b.tolist() for b in batches if len(b)], collate_fn=_stack,
-                            num_workers=self.num_workers, worker_init_fn=_one_thread)
+                            num_workers=self.num_workers, worker_init_fn=_one_thread,
+                            # its own generator: starting the workers must not draw from the global RNG
+                            # (training's dropout stream), or streamed training would differ from in-memory
+                            generator=torch.Generator().manual_seed(0))
         it = iter(loader)
         for i in range(len(batches)):
             yield np.zeros((0, *self.shape), np.uint8) if i in empty else next(it)
