@@ -113,7 +113,8 @@ def available_methods(presets: str | list[str] | None = None) -> list[str]:
 
 def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, progress: bool = False,
                 cache: Callable[[str, Callable[[], SplitScores]], SplitScores] | None = None,
-                skipped: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, SplitScores]]:
+                skipped: dict[str, str] | None = None, scorers: dict | None = None
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, SplitScores]]:
     """Scores of ``methods`` on the split's test and validation images.
 
     ``osr``: a fitted GradientOSR, or a dict {preset: GradientOSR} (all on ``clf``).
@@ -122,6 +123,9 @@ def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, pr
     DataError from its fit, e.g. OpenMax without 2 correctly classified training samples
     of a class) is left out, its reason stored there and printed on stderr, instead of
     ending the whole run.
+    ``scorers``: a dict kept by the caller across calls on the same classifier and known
+    training data (a cross protocol's unknown sets): every baseline is fitted once, kept
+    there as (scorer, fit seconds), and reused; its records keep the fit time.
     Returns (y_true N, closed_pred N, {method: SplitScores}).
     """
     fitted = osr if isinstance(osr, dict) else ({osr.config_.preset: osr} if osr is not None else {})
@@ -147,14 +151,19 @@ def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, pr
             return SplitScores(test, val, osr.threshold_, rule, osr.config_.to_dict(), time.time() - t0,
                                fit_s=getattr(osr, "fit_seconds_", None), score_s=time.perf_counter() - t1,
                                n_scored=n_scored, forward_s=forward_s, cached=bool(getattr(osr, "reused_", False)))
-        scorer = make_scorer(method)
-        fit_s = 0.0
-        if scorer.needs_fit:
-            if not train_out:
-                train_out.append(classifier_outputs(clf, clf.inputs(data.known_train.images)))
-            t1 = time.perf_counter()
-            scorer.fit(train_out[0], data.known_train.labels)
-            fit_s = time.perf_counter() - t1
+        if scorers is not None and method in scorers:
+            scorer, fit_s = scorers[method]
+        else:
+            scorer = make_scorer(method)
+            fit_s = 0.0
+            if scorer.needs_fit:
+                if not train_out:
+                    train_out.append(classifier_outputs(clf, clf.inputs(data.known_train.images)))
+                t1 = time.perf_counter()
+                scorer.fit(train_out[0], data.known_train.labels)
+                fit_s = time.perf_counter() - t1
+            if scorers is not None:
+                scorers[method] = (scorer, fit_s)
         t1 = time.perf_counter()
         test, val = sharded_scores(scorer, test_out), sharded_scores(scorer, val_out)
         return SplitScores(test, val, params=dict(scorer.params), seconds=time.time() - t0, fit_s=fit_s,
