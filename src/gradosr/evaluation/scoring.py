@@ -142,10 +142,11 @@ class _Baselines:
     chunk's classifier outputs are computed once and read by every scorer (memory:
     one chunk's outputs, the scores, and what each scorer keeps by definition)."""
 
-    def __init__(self, clf: Classifier, methods: list[str]):
+    def __init__(self, clf: Classifier, methods: list[str], reuse: dict | None = None):
         self.clf = clf
-        self.scorers = {m: make_scorer(m) for m in methods}
-        self.fit_s = {m: 0.0 for m in methods}
+        self.reuse = reuse if reuse is not None else {}  # method -> (fitted scorer, fit seconds)
+        self.scorers = {m: self.reuse[m][0] if m in self.reuse else make_scorer(m) for m in methods}
+        self.fit_s = {m: self.reuse[m][1] if m in self.reuse else 0.0 for m in methods}
         self.score_s = {m: 0.0 for m in methods}
         self.errors: dict[str, str] = {}
         self.forward_s = 0.0
@@ -164,17 +165,18 @@ class _Baselines:
             times[m] += time.perf_counter() - t0
 
     def fit(self, train: ModelInputs, labels: np.ndarray) -> None:
-        fitting = [m for m in self.live() if self.scorers[m].needs_fit]
-        if not fitting:
-            return
-        for x, y in zip_labels(train, labels):
-            out = classifier_outputs(self.clf, x)
+        fitting = [m for m in self.live() if self.scorers[m].needs_fit and m not in self.reuse]
+        if fitting:
+            for x, y in zip_labels(train, labels):
+                out = classifier_outputs(self.clf, x)
+                for m in fitting:
+                    if m not in self.errors:
+                        self._run(m, self.fit_s, lambda m=m: self.scorers[m].partial_fit(out, y))
             for m in fitting:
                 if m not in self.errors:
-                    self._run(m, self.fit_s, lambda m=m: self.scorers[m].partial_fit(out, y))
-        for m in fitting:
-            if m not in self.errors:
-                self._run(m, self.fit_s, self.scorers[m].check_fitted)
+                    self._run(m, self.fit_s, self.scorers[m].check_fitted)
+        for m in self.live():
+            self.reuse.setdefault(m, (self.scorers[m], self.fit_s[m]))
 
     def score(self, inputs: ModelInputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(closed-set predictions N, {method: scores N}) of ``inputs``, sharded over the
@@ -207,7 +209,8 @@ class _Baselines:
 
 def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, progress: bool = False,
                 cache: Callable[[str, Callable[[], SplitScores]], SplitScores] | None = None,
-                skipped: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, SplitScores]]:
+                skipped: dict[str, str] | None = None, scorers: dict | None = None
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, SplitScores]]:
     """Scores of ``methods`` on the split's test and validation images.
 
     ``osr``: a fitted GradientOSR, or a dict {preset: GradientOSR} (all on ``clf``).
@@ -221,6 +224,9 @@ def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, pr
     split's image sources; the baselines not in the cache share one pass over the known
     training images (their fits) and one over the test and validation images (their
     scores, and the closed-set predictions); a preset scores chunk by chunk.
+    ``scorers``: a dict kept by the caller across calls on the same classifier and known
+    training data (a cross protocol's unknown sets): every baseline is fitted once, kept
+    there as (scorer, fit seconds), and reused; its records keep the fit time.
     Returns (y_true N, closed_pred N, {method: SplitScores}).
     """
     fitted = osr if isinstance(osr, dict) else ({osr.config_.preset: osr} if osr is not None else {})
@@ -239,7 +245,7 @@ def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, pr
             scores[m] = cache(m, _raise_miss) if cache else _raise_miss()
         except _Miss:
             pending.append(m)
-    base = _Baselines(clf, pending)
+    base = _Baselines(clf, pending, scorers)
     base.fit(SourceInputs(data.known_train, clf.inputs), data.known_train.labels)
     closed_pred, test_scores = base.score(test_in)
     val_scores = base.score(val_in)[1] if pending else {}
