@@ -425,8 +425,8 @@ def test_unknown_sets_of_a_split_share_the_fitted_baselines(tmp_path, capsys, mo
     from gradosr.detectors import KNN
 
     fits = []
-    real_fit = KNN.fit
-    monkeypatch.setattr(KNN, "fit", lambda self, *a, **k: (fits.append(1), real_fit(self, *a, **k))[1])
+    real = KNN._finalize  # once per fit, one-shot or chunked
+    monkeypatch.setattr(KNN, "_finalize", lambda self: (fits.append(1), real(self))[1])
     common = ("benchmark", "--protocol", "cross", "--known-dataset", "mnist-sample", "--splits", "0", "--methods",
               "msp,knn", "--epochs", "1", "--no-progress")
     run_cli(capsys, *common, "--unknown-dataset", "synthetic-blobs,synthetic-uniform", "--out", tmp_path / "both")
