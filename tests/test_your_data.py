@@ -417,3 +417,21 @@ def test_a_method_that_cannot_fit_is_left_out_and_said(capsys):
     assert "openmax left out" in capsys.readouterr().err
     with pytest.raises(DataError, match="correctly classified"):
         score_split(osr.classifier_, data, ["msp", "openmax"])
+
+
+def test_unknown_sets_of_a_split_share_the_fitted_baselines(tmp_path, capsys, monkeypatch):
+    """Several synthetic sets on one classifier: each baseline is fitted once per split,
+    and each set's scores equal those of a benchmark of that set alone."""
+    from gradosr.detectors import KNN
+
+    fits = []
+    real = KNN._finalize  # once per fit, one-shot or chunked
+    monkeypatch.setattr(KNN, "_finalize", lambda self: (fits.append(1), real(self))[1])
+    common = ("benchmark", "--protocol", "cross", "--known-dataset", "mnist-sample", "--splits", "0", "--methods",
+              "msp,knn", "--epochs", "1", "--no-progress")
+    run_cli(capsys, *common, "--unknown-dataset", "synthetic-blobs,synthetic-uniform", "--out", tmp_path / "both")
+    assert len(fits) == 1
+    run_cli(capsys, *common, "--unknown-dataset", "synthetic-uniform", "--out", tmp_path / "one")
+    both = json.loads((tmp_path / "both" / "synthetic-uniform" / "results.json").read_text())["results"]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["results"]
+    assert [r["auroc"] for r in both] == [r["auroc"] for r in one]

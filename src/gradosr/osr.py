@@ -35,6 +35,7 @@ from gradosr.methods.config import DEFAULT_PRESET, OSRConfig, make_config, neste
 from gradosr.methods.fit_data import array_data, check_every_class, protocol_classifier, protocol_data
 from gradosr.metrics import open_set_predictions, threshold_at_tpr
 from gradosr.models import find_head
+from gradosr.streams import as_model_inputs, chunk_rows, map_chunks
 from gradosr.train import TrainConfig
 
 _PARAMS = ("preset", "classifier", "train_config", "proxy_factory", "device", "progress", "seed", "proxy_store")
@@ -120,7 +121,9 @@ class GradientOSR:
         """Fit on a protocol (``x`` an :class:`OSRData`: the classifier is trained or reused
         from ``<run_dir>/classifier`` unless given) or on arrays of known data (``y``
         labels 0..K-1 of the classifier; ``x_val``/``y_val`` held-out knowns, default a
-        stratified 20% of x). With ``run_dir`` the fitted method is saved there."""
+        stratified 20% of x). Arrays may also be an image source or a torch Dataset /
+        DataLoader of ``(image, label)`` (``y`` then optional), streamed chunk by chunk
+        (:mod:`gradosr.streams`). With ``run_dir`` the fitted method is saved there."""
         run_dir = Path(run_dir) if run_dir is not None else None
         config = self.resolved_config()
         method = STRATEGIES[config.method](config, self.seed, self.progress)
@@ -142,7 +145,7 @@ class GradientOSR:
         method.fit(FitContext(clf, tc, self.proxy_factory, store, device, self.progress, run_dir), data)
         self.classifier_, self.train_config_, self.config_, self.method_ = clf, tc, config, method
         self.threshold_ = (float(config.threshold) if config.threshold_rule == "fixed"
-                           else threshold_at_tpr(method.score_samples(clf, data.xv), config.target_tpr))
+                           else threshold_at_tpr(self._scores(method, clf, data.xv, config), config.target_tpr))
         if run_dir is not None:
             self.save(run_dir)
         return self
@@ -161,21 +164,35 @@ class GradientOSR:
                               f"the {self.config_.method} method has none")
         return self.method_.representations(self.classifier_, self.classifier_.inputs(x))
 
+    @staticmethod
+    def _scores(method, clf, inputs, config) -> np.ndarray:
+        rows = chunk_rows(config.extraction.batch_size)
+        return map_chunks(lambda xb: method.score_samples(clf, xb), inputs, rows)
+
     def score_samples(self, x) -> np.ndarray:
         """Score of each input (float64 N), higher = more likely known: P(known) for
-        ``proxy`` (the mean over an ensemble's splits), the combined signals for ``fusion``."""
+        ``proxy`` (the mean over an ensemble's splits), the combined signals for ``fusion``.
+        ``x``: uint8 images or float model inputs (array or tensor), an image source, or a
+        torch Dataset / DataLoader (:func:`gradosr.streams.as_model_inputs`), scored chunk
+        by chunk."""
         self.check_fitted()
-        return self.method_.score_samples(self.classifier_, self.classifier_.inputs(x))
+        return self._scores(self.method_, self.classifier_, as_model_inputs(x, self.classifier_.inputs),
+                            self.config_)
 
     def predict(self, x, return_scores: bool = False):
         """Open-set labels (int64 N): the classifier's argmax, or -1 where the score is
-        below the threshold. With ``return_scores``: (labels, scores)."""
+        below the threshold. With ``return_scores``: (labels, scores). ``x`` as for
+        :meth:`score_samples`."""
         self.check_fitted()
-        xin = self.classifier_.inputs(x)
-        scores = self.score_samples(xin)
-        if not len(xin):
-            return (np.zeros(0, np.int64), scores) if return_scores else np.zeros(0, np.int64)
-        labels = open_set_predictions(self.classifier_.logits(xin).argmax(1).numpy(), scores, self.threshold_)
+        inputs = as_model_inputs(x, self.classifier_.inputs)
+        scores, closed = [], []
+        for xb in inputs.chunks(chunk_rows(self.config_.extraction.batch_size)):
+            scores.append(np.asarray(self.method_.score_samples(self.classifier_, xb), dtype=np.float64))
+            closed.append(self.classifier_.logits(xb).argmax(1).numpy())
+        if not scores:
+            return (np.zeros(0, np.int64), np.zeros(0)) if return_scores else np.zeros(0, np.int64)
+        scores = np.concatenate(scores)
+        labels = open_set_predictions(np.concatenate(closed), scores, self.threshold_)
         return (labels, scores) if return_scores else labels
 
     # ------------------------------------------------------------- persistence

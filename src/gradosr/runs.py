@@ -23,6 +23,7 @@ from gradosr.checkpoint import read_json
 from gradosr.classifier import Classifier
 from gradosr.data.protocols import OSRData, ProtocolSpec
 from gradosr.errors import CheckpointError
+from gradosr.streams import SourceInputs
 from gradosr.train import TrainConfig, accuracy, default_preprocessing, train_classifier
 
 #: protocol fields that say which unknowns a split is tested on: they do not change what trains a classifier
@@ -187,12 +188,12 @@ def ensure_classifier(
             progress=progress, device=device, meta={"protocol": data.spec.to_dict()},
             class_names=list(data.class_names), log=log,
         )
-    x_test = clf.inputs(data.known_test.images)
-    clf.meta["test_acc"] = accuracy(clf.model, x_test, torch.as_tensor(data.known_test.labels))
+    clf.meta["test_acc"] = accuracy(clf.model, SourceInputs(data.known_test, clf.inputs),
+                                    torch.as_tensor(data.known_test.labels))
     if clf.meta.get("history"):
         clf.meta["val_acc"] = clf.meta["history"][-1]["val_acc"]
     elif weights is not None:
-        clf.meta["val_acc"] = accuracy(clf.model, clf.inputs(data.val.images), torch.as_tensor(data.val.labels))
+        clf.meta["val_acc"] = accuracy(clf.model, SourceInputs(data.val, clf.inputs), torch.as_tensor(data.val.labels))
     else:
         clf.meta["val_acc"] = None
     if out_dir is not None:

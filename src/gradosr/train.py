@@ -33,7 +33,7 @@ from torch import nn
 
 from gradosr.checkpoint import load_tensors, remove_stale_temporaries, save_tensors
 from gradosr.classifier import Classifier, batched_outputs
-from gradosr.data.imageset import ImageSet
+from gradosr.data.imageset import ImageSource
 from gradosr import distributed
 from gradosr.data.registry import dataset_info
 from gradosr.errors import CheckpointError, ConfigError
@@ -41,6 +41,7 @@ from gradosr.models import build_model
 from gradosr.preprocess import Preprocessing
 from gradosr.progress import progress_bar
 from gradosr.progress import write as progress_write
+from gradosr.streams import ModelInputs, SourceInputs, TensorInputs, zip_labels
 
 TRAIN_STATE_FORMAT = "gradosr.train_state"
 AUGMENTATIONS = ("none", "crop", "crop-flip")
@@ -189,17 +190,22 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, rest: dict) ->
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Eval-mode closed-set accuracy of ``model`` on inputs N×C×H×W and labels N."""
+def accuracy(model: nn.Module, x: torch.Tensor | ModelInputs, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Eval-mode closed-set accuracy of ``model`` on inputs N×C×H×W (a tensor, or
+    :class:`gradosr.streams.ModelInputs` read chunk by chunk) and labels N."""
     if len(y) == 0:
         return float("nan")
+    if isinstance(x, ModelInputs):
+        correct = sum(int((batched_outputs(model, xb, batch_size)[0].argmax(1) == yb).sum())
+                      for xb, yb in zip_labels(x, torch.as_tensor(y)))
+        return correct / len(y)
     logits, _ = batched_outputs(model, x, batch_size)
     return float((logits.argmax(1) == y).float().mean())
 
 
 def train_classifier(
-    train: ImageSet | tuple[torch.Tensor, np.ndarray],
-    val: ImageSet | tuple[torch.Tensor, np.ndarray] | None,
+    train: ImageSource | tuple[torch.Tensor, np.ndarray],
+    val: ImageSource | tuple[torch.Tensor, np.ndarray] | None,
     class_ids: list[int],
     config: TrainConfig,
     preprocessing: Preprocessing | None,
@@ -216,8 +222,9 @@ def train_classifier(
 
     Args:
         train, val: known training and held-out images (val is only evaluated), as
-            ImageSets (preprocessed with ``preprocessing``) or as (inputs N×C×H×W float
-            tensor, labels N) pairs used as they are.
+            image sources (an ImageSet or an indexed folder, read and preprocessed with
+            ``preprocessing`` one batch at a time: memory does not grow with N) or as
+            (inputs N×C×H×W float tensor, labels N) pairs used as they are.
         config: the recipe; ``config.seed`` seeds everything.
         preprocessing: applied to the uint8 images.
         out_dir: if given, ``model.safetensors``/``model.json`` plus the optimizer state
@@ -279,9 +286,11 @@ def train_classifier(
             total_loss, correct, seen = 0.0, 0, 0
             bar = progress_bar(range(0, len(order), config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}",
                                leave=False, disable=not progress, unit="batch")
-            for start in bar:
+            # the batches' inputs are read (decoded and preprocessed) one batch at a time
+            batches = x_train.batches(order[s:s + config.batch_size] for s in range(0, len(order), config.batch_size))
+            for start, xb_all in zip(bar, batches):
                 idx = order[start:start + config.batch_size]
-                xg = augment_batch(x_train[idx], config.augment, gen)  # the whole global batch, as in one process
+                xg = augment_batch(xb_all, config.augment, gen)  # the whole global batch, as in one process
                 if not ddp:
                     xb, yb = xg.to(device=device, dtype=in_dtype), y_train[idx].to(device)
                     opt.zero_grad(set_to_none=True)
@@ -335,14 +344,15 @@ def _silent(_line: str) -> None:
     """The epoch log of processes other than rank 0."""
 
 
-def _as_inputs(part, preprocessing: Preprocessing | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs N×C×H×W float, labels N int64) of an ImageSet or an (inputs, labels) pair."""
-    if isinstance(part, ImageSet):
+def _as_inputs(part, preprocessing: Preprocessing | None) -> tuple[TensorInputs | SourceInputs, torch.Tensor]:
+    """(model inputs, labels N int64) of an image source (an ImageSet or an indexed
+    folder: preprocessed batch by batch as training reads them) or an (inputs, labels) pair."""
+    if isinstance(part, ImageSource):
         if preprocessing is None:
             raise ConfigError("images need a preprocessing to become model inputs")
-        return preprocessing(part.images), torch.as_tensor(part.labels)
+        return SourceInputs(part, preprocessing), torch.as_tensor(part.labels)
     x, y = part
-    return torch.as_tensor(x), torch.as_tensor(np.asarray(y), dtype=torch.int64)
+    return TensorInputs(torch.as_tensor(x)), torch.as_tensor(np.asarray(y), dtype=torch.int64)
 
 
 def _state_stem(epoch: int) -> str:

@@ -39,7 +39,12 @@ def _train_config_from_args(args, dataset: str):
 def _load_protocol(args, spec):
     from gradosr.data.protocols import load_protocol
 
-    return load_protocol(spec, args.data_dir, image_size=args.image_size, strict=args.strict)
+    return load_protocol(spec, args.data_dir, image_size=args.image_size, strict=args.strict, **_stream_options(args))
+
+
+def _stream_options(args) -> dict:
+    """How a folder dataset is read (``--in-memory``, ``--workers``): load_protocol's keywords."""
+    return {"stream": not getattr(args, "in_memory", False), "num_workers": getattr(args, "workers", None)}
 
 
 def cmd_datasets(args) -> int:
@@ -181,7 +186,7 @@ def cmd_benchmark(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = BenchmarkSettings(
         protocol=args.protocol, **_split_options(args), methods=methods, out=_out_folder(args.out),
-        weights=args.weights, strict=args.strict,
+        weights=args.weights, strict=args.strict, **_stream_options(args),
         protocol_args=_protocol_options(args), train_overrides=_train_overrides(args),
         seed=args.seed, preset=args.preset, method_options=_method_options(args), data_dir=args.data_dir,
         device=init_distributed(args.device), progress=not args.no_progress, command=_command_line(args),
@@ -225,7 +230,7 @@ def cmd_ablate(args) -> int:
     select_variants(names)  # unknown names fail before any work
     settings = AblationSettings(
         protocol=args.protocol, **_split_options(args), variants=names, out=_out_folder(args.out),
-        strict=args.strict,
+        strict=args.strict, **_stream_options(args),
         protocol_args=_protocol_options(args), train_overrides=_train_overrides(args),
         seed=args.seed, data_dir=args.data_dir, device=init_distributed(args.device), progress=not args.no_progress,
         command=_command_line(args))
@@ -256,7 +261,8 @@ def cmd_evaluate(args) -> int:
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     run, _ = _run_folder(args)
     records, info = evaluate_run(run, methods, data_dir=args.data_dir, device=init_distributed(args.device),
-                                 progress=not args.no_progress, model_ref=args.model, weights=args.weights)
+                                 progress=not args.no_progress, model_ref=args.model, weights=args.weights,
+                                 **_stream_options(args))
     doc = results_document(_command_line(args), records, info)
     out = Path(args.json) if args.json else RunLayout(run).eval_json
     atomic_write_json(out, doc)

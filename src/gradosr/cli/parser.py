@@ -34,6 +34,15 @@ def _add_protocol_args(p: argparse.ArgumentParser, one_split: bool = True) -> No
     g.add_argument("--data-dir", default=None, help="data root (default: $GRADOSR_DATA or ./data)")
     g.add_argument("--strict", action="store_true",
                    help="refuse unreadable image files in a folder dataset (default: skip them and say how many)")
+    _add_stream_args(g)
+
+
+def _add_stream_args(g) -> None:
+    g.add_argument("--in-memory", action="store_true",
+                   help="read a folder dataset into memory (default: index it and decode its images in chunks, "
+                        "docs/design.md \"Streaming\")")
+    g.add_argument("--workers", type=int, default=None,
+                   help="processes decoding a folder dataset's images (default: cores - 1, at most 4; 0: none)")
 
 
 def _add_common_args(p: argparse.ArgumentParser) -> None:
@@ -147,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="comma-separated method ids, or all (default: the run's fitted presets and msp)")
     p.add_argument("--json", default=None, help="write the results JSON here (default <run>/eval.json)")
     p.add_argument("--data-dir", default=None)
+    _add_stream_args(p)
     _add_user_model_args(p)
     _add_common_args(p)
     return parser

@@ -21,12 +21,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gradosr.data.imageset import ImageSet
+from gradosr.data.imageset import ImageSource
 from gradosr.data.synthetic import GENERATORS, PREFIX, is_synthetic, synthetic_names
 from gradosr.errors import ConfigError
 
 KINDS = ("folder", "npz")
-_CACHE: dict[tuple, tuple[ImageSet, ImageSet, tuple[str, ...]]] = {}
+_CACHE: dict[tuple, tuple[ImageSource, ImageSource, tuple[str, ...]]] = {}
 
 
 def split_name(name: str) -> tuple[str, Path] | None:
@@ -80,9 +80,12 @@ def _fingerprint(path: Path) -> tuple:
 
 
 def load_path_dataset(name: str, image_size: int | None = None, strict: bool = False,
-                      progress: bool = False) -> tuple[ImageSet, ImageSet, tuple[str, ...]]:
+                      progress: bool = False, stream: bool = False,
+                      num_workers: int | None = None) -> tuple[ImageSource, ImageSource, tuple[str, ...]]:
     """(train, test, class names) of a path dataset; an unlabeled one has an empty train
-    part, labels -1 and no class names."""
+    part, labels -1 and no class names. ``stream``: a folder is indexed, not loaded
+    (:mod:`gradosr.data.indexed`, decoded by ``num_workers`` processes); an archive is
+    always read into memory."""
     from gradosr.data.arrays import load_npz
     from gradosr.data.folders import load_folder
 
@@ -90,10 +93,11 @@ def load_path_dataset(name: str, image_size: int | None = None, strict: bool = F
     if canonical is None or is_synthetic(canonical):
         raise ConfigError(f"{name!r} is not a folder or .npz dataset")
     kind, path = canonical.split(":", 1)
-    key = (canonical, image_size, strict, _fingerprint(Path(path)))
+    stream = stream and kind == "folder"
+    key = (canonical, image_size, strict, stream, num_workers if stream else None, _fingerprint(Path(path)))
     if key not in _CACHE:
         _CACHE.clear()  # one dataset at a time: a changed folder must not pile up copies
-        loaded = (load_folder(path, image_size, strict, progress) if kind == "folder"
+        loaded = (load_folder(path, image_size, strict, progress, stream, num_workers) if kind == "folder"
                   else load_npz(path, image_size))
         _CACHE[key] = loaded
     return _CACHE[key]
@@ -121,7 +125,7 @@ def path_dataset_info(name: str):
     else:
         train, test, classes = load_path_dataset(canonical)
         part = train if len(train) else test
-        size, channels = part.images.shape[1:3], part.images.shape[3]
+        size, channels = part.shape[:2], part.shape[2]
     return DatasetInfo(canonical, len(classes), tuple(int(s) for s in size), int(channels),
                        f"your {kind} {path}", tuple(classes), labelled=bool(classes))
 

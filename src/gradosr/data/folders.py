@@ -13,7 +13,9 @@ Images are converted (:func:`gradosr.preprocess.convert_uint8`) to the size and
 channel count of the first image (in sorted path order), or to ``image_size`` ×
 ``image_size``; 1-channel modes stay grey, every other mode becomes RGB. A file that
 Pillow cannot read is skipped and counted (one line on stderr), or refused with
-``strict``. Other files (no image suffix) are ignored.
+``strict``. Other files (no image suffix) are ignored. With ``stream`` the folder is
+indexed instead (:mod:`gradosr.data.indexed`: paths and labels in memory, pixels
+decoded in chunks by worker processes).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gradosr.data.imageset import ImageSet
+from gradosr.data.imageset import ImageSet, ImageSource
 from gradosr.errors import DataError
 from gradosr.preprocess import convert_uint8
 from gradosr.progress import progress_bar
@@ -170,7 +172,7 @@ def _split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def split_train_test(data: ImageSet) -> tuple[ImageSet, ImageSet]:
+def split_train_test(data: ImageSource) -> tuple[ImageSource, ImageSource]:
     """A labelled set without its own test part, split by :func:`_split`; an unlabeled set
     is all test (its train part is empty)."""
     if len(data) and data.labels.min() < 0:
@@ -180,13 +182,22 @@ def split_train_test(data: ImageSet) -> tuple[ImageSet, ImageSet]:
 
 
 def load_folder(root: str | Path, image_size: int | None = None, strict: bool = False,
-                progress: bool = False) -> tuple[ImageSet, ImageSet, tuple[str, ...]]:
-    """(train, test, class names) of the image folder ``root`` (see the module docstring)."""
+                progress: bool = False, stream: bool = False,
+                num_workers: int | None = None) -> tuple[ImageSource, ImageSource, tuple[str, ...]]:
+    """(train, test, class names) of the image folder ``root`` (see the module docstring):
+    ImageSets read into memory, or with ``stream`` indexed
+    :class:`gradosr.data.indexed.FolderImages` whose pixels are decoded on demand by
+    ``num_workers`` processes (the same images, byte for byte)."""
+    from gradosr.data.indexed import index_files
+
     layout = scan_folder(root)
     size, channels = image_format(layout.first_file(), image_size)
     parts, skipped = {}, []
     for name, files in layout.parts.items():
-        parts[name], lost = read_images(files, size, channels, strict, f"{layout.root}", progress)
+        if stream:
+            parts[name], lost = index_files(files, size, channels, strict, num_workers)
+        else:
+            parts[name], lost = read_images(files, size, channels, strict, f"{layout.root}", progress)
         skipped += lost
     if skipped:
         print(f"gradosr: skipped {len(skipped)} unreadable image file(s) under {layout.root} (first: "

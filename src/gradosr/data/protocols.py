@@ -31,10 +31,9 @@ from importlib import resources
 import numpy as np
 
 from gradosr.data.by_path import canonical_name, check_labelled
-from gradosr.data.imageset import ImageSet
+from gradosr.data.imageset import ImageSet, ImageSource
 from gradosr.data.registry import DATASETS, dataset_info, load_dataset
 from gradosr.data.synthetic import generate, is_synthetic
-from gradosr.preprocess import convert_uint8
 from gradosr.errors import ConfigError, DataError
 
 VALIDATION_FRACTION = 0.2
@@ -247,7 +246,8 @@ def resolve_protocol(
 
 @dataclass(frozen=True)
 class OSRData:
-    """The images of one protocol split.
+    """The images of one protocol split (image sources: :class:`ImageSet` in memory, or
+    indexed folders, :mod:`gradosr.data.indexed`).
 
     Attributes:
         spec: the protocol split.
@@ -261,10 +261,10 @@ class OSRData:
     """
 
     spec: ProtocolSpec
-    known_train: ImageSet
-    val: ImageSet
-    known_test: ImageSet
-    unknown_test: ImageSet
+    known_train: ImageSource
+    val: ImageSource
+    known_test: ImageSource
+    unknown_test: ImageSource
     class_names: tuple[str, ...]
 
     @property
@@ -272,7 +272,7 @@ class OSRData:
         return self.spec.num_known
 
 
-def _select(data: ImageSet, classes: tuple[int, ...], remap: bool, what: str) -> ImageSet:
+def _select(data: ImageSource, classes: tuple[int, ...], remap: bool, what: str) -> ImageSource:
     mask = np.isin(data.labels, classes)
     picked = data.subset(mask)
     counts = {c: int((picked.labels == c).sum()) for c in classes}
@@ -287,26 +287,30 @@ def _select(data: ImageSet, classes: tuple[int, ...], remap: bool, what: str) ->
 
 
 def load_protocol(spec: ProtocolSpec, data_dir: str | os.PathLike | None = None, image_size: int | None = None,
-                  strict: bool = False) -> OSRData:
+                  strict: bool = False, stream: bool = False, num_workers: int | None = None) -> OSRData:
     """Load the images of ``spec`` (see :class:`OSRData`).
 
     ``image_size``, ``strict``: how path datasets are read (:func:`load_dataset`). In a
     ``cross`` protocol the unknown images are converted to the known images' H×W×C
     (:func:`gradosr.preprocess.convert_uint8`), and a synthetic set is generated with
     the split's seed, as many images as the known test set.
+
+    ``stream``: folder datasets are indexed, not loaded: the parts are then
+    :class:`gradosr.data.indexed.FolderImages` (the same images, decoded on demand by
+    ``num_workers`` processes; docs/design.md, "Streaming").
     """
     from sklearn.model_selection import train_test_split
 
-    train, test = load_dataset(spec.dataset, data_dir, image_size, strict)
+    train, test = load_dataset(spec.dataset, data_dir, image_size, strict, stream, num_workers)
     known_train = _select(train, spec.known, True, f"{spec.dataset} train")
     known_test = _select(test, spec.known, True, f"{spec.dataset} test")
     if is_synthetic(spec.unknown_dataset):
-        images = generate(spec.unknown_dataset, known_test.images, spec.seed)
+        images = generate(spec.unknown_dataset, known_test.materialise().images, spec.seed)
         unknown_test = ImageSet(images, np.full(len(images), -1, np.int64))
     elif spec.unknown_dataset == spec.dataset:
         unknown_test = _select(test, spec.unknown, False, f"{spec.unknown_dataset} test")
     else:
-        unknown_test = load_dataset(spec.unknown_dataset, data_dir, image_size, strict)[1]
+        unknown_test = load_dataset(spec.unknown_dataset, data_dir, image_size, strict, stream, num_workers)[1]
     if spec.name == "cross":
         rng = np.random.default_rng(spec.seed)
         n = min(len(known_test), len(unknown_test))
@@ -314,8 +318,8 @@ def load_protocol(spec: ProtocolSpec, data_dir: str | os.PathLike | None = None,
             unknown_test = unknown_test.subset(np.sort(rng.choice(len(unknown_test), n, replace=False)))
         if len(known_test) > n:
             known_test = known_test.subset(np.sort(rng.choice(len(known_test), n, replace=False)))
-        h, w, c = known_test.images.shape[1:]
-        unknown_test = ImageSet(convert_uint8(unknown_test.images, (h, w), c), unknown_test.labels)
+        h, w, c = known_test.shape
+        unknown_test = unknown_test.converted((h, w), c)
     elif spec.unknown_dataset != spec.dataset:
         unknown_test = _select(unknown_test, spec.unknown, False, f"{spec.unknown_dataset} test")
     counts = np.bincount(known_train.labels, minlength=spec.num_known)

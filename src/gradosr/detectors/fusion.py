@@ -69,7 +69,7 @@ from gradosr.detectors.knn import KNN
 from gradosr.detectors.mahalanobis import Mahalanobis
 from gradosr.detectors.mls import MLS
 from gradosr.detectors.registry import METHODS, register
-from gradosr.errors import CheckpointError, ConfigError, NotFittedError
+from gradosr.errors import CheckpointError, ConfigError, DataError, NotFittedError
 from gradosr.options import option
 
 SIGNALS = ("gradient", "features", "max_logit", "gradnorm", "gradorth")
@@ -191,9 +191,14 @@ class FusedScorer(Scorer):
         self.calibrator_ = None
         return super().fit(data, labels)
 
-    def calibrate(self, held_out: ScorerInputs) -> "FusedScorer":
-        """Fit the calibrator on the signals' scores of held-out knowns."""
-        self.calibrator_ = CALIBRATORS[self.fusion.combine]().fit(self.signal_scores(held_out))
+    def calibrate(self, held_out) -> "FusedScorer":
+        """Fit the calibrator on the signals' scores of held-out knowns: one ScorerInputs,
+        or an iterable of ScorerInputs chunks (only their scores are kept)."""
+        parts = [self.signal_scores(p) for p in ([held_out] if isinstance(held_out, ScorerInputs) else held_out)]
+        if not parts:
+            raise DataError("calibrate needs held-out known samples")
+        scores = {s: np.concatenate([p[s] for p in parts]) for s in parts[0]}
+        self.calibrator_ = CALIBRATORS[self.fusion.combine]().fit(scores)
         return self
 
     @property

@@ -171,13 +171,15 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
         distributed.barrier()  # rank 0 has written the run folder that every process reads next
         methods_identity = {p: {"detector": run.run.preset(p).detector_sha256(),
                                 "method_config": osr.config_.to_dict()} for p, osr in fitted.items()}
+        scorers: dict = {}  # every unknown set of the split is scored by the same fitted baselines
         for unknown, spec, data in zip(run.unknowns, run.specs, run.data):
             identity = {"classifier": run.run.classifier_sha256(), "protocol": spec.to_dict()}
             st = state[unknown]
             skipped: dict[str, str] = {}
             y_true, closed_pred, scores = score_split(run.classifier, data, split_methods, fitted, settings.progress,
                                                       cache=_cache(layout.cache(run.split, unknown), identity,
-                                                                   methods_identity), skipped=skipped)
+                                                                   methods_identity), skipped=skipped,
+                                                      scorers=scorers)
             for method, reason in skipped.items():
                 st["skipped"].setdefault(method, {})[str(run.split)] = reason
             recs = split_records(spec, y_true, closed_pred, scores)

@@ -40,6 +40,8 @@ class ExperimentSettings:
         train_overrides: training options that differ from the dataset's defaults.
         seed: training seed of the standard protocols.
         strict: refuse unreadable files of a folder dataset (else skipped).
+        stream, num_workers: a folder dataset is indexed and streamed (else read into
+            memory), decoded by ``num_workers`` processes (:mod:`gradosr.data.indexed`).
         weights: a trained classifier's safetensors file (``--weights``) used instead of
             training; one split only.
     """
@@ -56,6 +58,8 @@ class ExperimentSettings:
     command: str = ""
     random_splits: bool = False
     strict: bool = False
+    stream: bool = False
+    num_workers: int | None = None
     weights: str | None = None
 
     def __post_init__(self) -> None:
@@ -106,7 +110,8 @@ def split_runs(settings: ExperimentSettings, bar: bool = True) -> Iterator[Split
         spec = specs[0]
         seed = spec.seed if spec.name in ("cross", "custom") else settings.seed
         config = default_train_config(spec.dataset, **{**settings.train_overrides, "seed": seed})
-        data = [load_protocol(s, settings.data_dir, config.image_size, settings.strict) for s in specs]
+        data = [load_protocol(s, settings.data_dir, config.image_size, settings.strict, settings.stream,
+                              settings.num_workers) for s in specs]
         run = settings.layout.run(split)
         clf, _ = ensure_classifier(data[0], config, run.classifier, device=settings.device,
                                    progress=settings.progress, weights=settings.weights)

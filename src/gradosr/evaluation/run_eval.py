@@ -30,7 +30,8 @@ def fitted_presets(run: Path, device="cpu", model_ref: str | None = None) -> dic
 
 
 def evaluate_run(run: Path, methods: list[str] | None, data_dir=None, device="cpu",
-                 progress: bool = True, model_ref: str | None = None, weights=None) -> tuple[list[dict], dict]:
+                 progress: bool = True, model_ref: str | None = None, weights=None, stream: bool = False,
+                 num_workers: int | None = None) -> tuple[list[dict], dict]:
     """Results records for ``methods`` on the run's protocol split (``gradosr evaluate``).
 
     A GradientOSR preset needs ``<run>/osr.json`` from ``gradosr fit`` (or
@@ -38,7 +39,8 @@ def evaluate_run(run: Path, methods: list[str] | None, data_dir=None, device="cp
     ``paper``); the baselines need only the classifier. Default methods: the fitted
     presets and ``msp``. ``model_ref``/``weights``: the ``--model`` and ``--weights`` of a
     run whose classifier is a user model / was loaded from weights, checked against the
-    run's record. Returns (records, info) with the protocol and classifier metadata.
+    run's record. ``stream``/``num_workers``: how a folder dataset is read
+    (:func:`gradosr.data.protocols.load_protocol`). Returns (records, info) with the protocol and classifier metadata.
     """
 
     run = check_folder(run, "a run folder (classifier/, osr.json)")
@@ -61,7 +63,8 @@ def evaluate_run(run: Path, methods: list[str] | None, data_dir=None, device="cp
         raise CheckpointError(f"{run} has no fitted {missing[0]} method (osr.json): run "
                               f"gradosr fit --preset {missing[0]} --out {run} first")
     spec = ProtocolSpec.from_dict(clf.meta["protocol"])
-    data = load_protocol(spec, data_dir, image_size=(clf.meta.get("train") or {}).get("image_size"))
+    data = load_protocol(spec, data_dir, image_size=(clf.meta.get("train") or {}).get("image_size"),
+                         stream=stream, num_workers=num_workers)
     skipped: dict[str, str] = {}
     y_true, closed_pred, scores = score_split(clf, data, methods, fitted, progress, skipped=skipped)
     info = {"protocol": spec.to_dict(),

@@ -4,6 +4,10 @@ Shared by ``gradosr evaluate`` (one run folder), ``gradosr benchmark`` (many spl
 with a score cache) and ``gradosr ablate`` (variants of the presets). The test set is [known_test; unknown_test] with labels 0..K-1 and
 -1; the held-out knowns (validation split) set the 95%-acceptance thresholds.
 
+Streamed (docs/design.md, "Streaming"): images are read chunk by chunk from the split's
+image sources (:mod:`gradosr.streams`); no stage holds every image or every row's
+classifier outputs, only the scores (N floats) and what a method keeps by definition.
+
 In a distributed run (torchrun) the logits and features, every GradientOSR preset's and
 every baseline's scores are computed on contiguous shards of the rows, one per process,
 and all-gathered (:func:`gradosr.distributed.map_rows`); scorers are fitted on the full
@@ -24,9 +28,12 @@ from gradosr.classifier import Classifier
 from gradosr.data.protocols import OSRData, ProtocolSpec
 from gradosr.detectors import ScorerInputs
 from gradosr.detectors.registry import describe, make_scorer, method_ids
+from gradosr.data import imageset
+from gradosr.data.imageset import ImageSource, concat_sources
 from gradosr.distributed import map_rows
 from gradosr.errors import ConfigError, DataError
 from gradosr.evaluation.records import results_record
+from gradosr.streams import ModelInputs, SourceInputs, chunk_rows, zip_labels
 
 
 def test_labels(data: OSRData) -> np.ndarray:
@@ -34,13 +41,18 @@ def test_labels(data: OSRData) -> np.ndarray:
     return np.concatenate([data.known_test.labels, np.full(len(data.unknown_test), -1, dtype=np.int64)])
 
 
-def test_images(data: OSRData) -> np.ndarray:
-    """Images of [known_test; unknown_test], N×H×W×C uint8."""
-    k, u = data.known_test.images, data.unknown_test.images
-    if k.shape[1:] != u.shape[1:]:
-        raise ConfigError(f"known test images are {k.shape[1:]} but unknown ones {u.shape[1:]}; "
+def test_source(data: OSRData) -> ImageSource:
+    """The image source of [known_test; unknown_test] (its labels are those of the parts)."""
+    k, u = data.known_test, data.unknown_test
+    if k.shape != u.shape:
+        raise ConfigError(f"known test images are {k.shape} but unknown ones {u.shape}; "
                           "cross-dataset protocols need images of one size")
-    return np.concatenate([k, u])
+    return concat_sources([k, u])
+
+
+def test_images(data: OSRData) -> np.ndarray:
+    """Images of [known_test; unknown_test], N×H×W×C uint8 (read into memory)."""
+    return test_source(data).materialise().images
 
 
 def classifier_outputs(clf: Classifier, x: torch.Tensor) -> ScorerInputs:
@@ -64,13 +76,18 @@ def sharded_scores(scorer, out: ScorerInputs) -> np.ndarray:
                     len(out), align=align)
 
 
-def sharded_osr_scores(osr, x: torch.Tensor) -> np.ndarray:
-    """``osr.score_samples(x)`` (a fitted GradientOSR, model inputs ``x``), sharded over
-    the rows in a distributed run: the whole scoring (forward passes, gradient features,
-    detector) runs on each process's shard, cut at multiples of the extraction batch size;
-    the map_rows inside it run locally."""
-    return map_rows(lambda rows: np.asarray(osr.score_samples(rows), dtype=np.float64), x,
-                    align=osr.config_.extraction.batch_size)
+def _rows(inputs: ModelInputs, rows: slice) -> ModelInputs:
+    return inputs if rows.start == 0 and rows.stop == len(inputs) else inputs.subset(np.arange(rows.start, rows.stop))
+
+
+def sharded_osr_scores(osr, inputs: ModelInputs) -> np.ndarray:
+    """``osr.score_samples(inputs)`` (a fitted GradientOSR; model inputs streamed chunk by
+    chunk), sharded over the rows in a distributed run: the whole scoring (forward passes,
+    gradient features, detector) runs on each process's shard, cut at multiples of the
+    chunk length; the map_rows inside it run locally."""
+    align = chunk_rows(osr.config_.extraction.batch_size)
+    return map_rows(lambda rows: np.asarray(osr.score_samples(_rows(inputs, rows)), dtype=np.float64),
+                    len(inputs), align=align)
 
 
 @dataclass
@@ -111,9 +128,89 @@ def available_methods(presets: str | list[str] | None = None) -> list[str]:
     return list(presets) + method_ids("baseline")
 
 
+class _Miss(Exception):
+    """Raised by the compute function given to the cache to learn whether it holds a method."""
+
+
+def _raise_miss() -> SplitScores:
+    raise _Miss
+
+
+class _Baselines:
+    """The baselines of one split, fitted in one streamed pass over the known training
+    images and scored in one streamed pass over the test and validation images: every
+    chunk's classifier outputs are computed once and read by every scorer (memory:
+    one chunk's outputs, the scores, and what each scorer keeps by definition)."""
+
+    def __init__(self, clf: Classifier, methods: list[str], reuse: dict | None = None):
+        self.clf = clf
+        self.reuse = reuse if reuse is not None else {}  # method -> (fitted scorer, fit seconds)
+        self.scorers = {m: self.reuse[m][0] if m in self.reuse else make_scorer(m) for m in methods}
+        self.fit_s = {m: self.reuse[m][1] if m in self.reuse else 0.0 for m in methods}
+        self.score_s = {m: 0.0 for m in methods}
+        self.errors: dict[str, str] = {}
+        self.forward_s = 0.0
+
+    def live(self) -> list[str]:
+        return [m for m in self.scorers if m not in self.errors]
+
+    def _run(self, m: str, times: dict, fn):
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        except DataError as exc:
+            self.errors[m] = str(exc)
+            return None
+        finally:
+            times[m] += time.perf_counter() - t0
+
+    def fit(self, train: ModelInputs, labels: np.ndarray) -> None:
+        fitting = [m for m in self.live() if self.scorers[m].needs_fit and m not in self.reuse]
+        if fitting:
+            for x, y in zip_labels(train, labels):
+                out = classifier_outputs(self.clf, x)
+                for m in fitting:
+                    if m not in self.errors:
+                        self._run(m, self.fit_s, lambda m=m: self.scorers[m].partial_fit(out, y))
+            for m in fitting:
+                if m not in self.errors:
+                    self._run(m, self.fit_s, self.scorers[m].check_fitted)
+        for m in self.live():
+            self.reuse.setdefault(m, (self.scorers[m], self.fit_s[m]))
+
+    def score(self, inputs: ModelInputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(closed-set predictions N, {method: scores N}) of ``inputs``, sharded over the
+        rows in a distributed run (each sample's score depends on that sample alone)."""
+        names = self.live()
+
+        def local(rows: slice):
+            preds, cols = [], {m: [] for m in names}
+            for x in _rows(inputs, rows).chunks():
+                t0 = time.perf_counter()
+                out = classifier_outputs(self.clf, x)
+                self.forward_s += time.perf_counter() - t0
+                preds.append(out.logits.argmax(1).to(torch.float64).numpy())
+                for m in names:
+                    s = None if m in self.errors else self._run(m, self.score_s,
+                                                                lambda m=m: self.scorers[m].score_samples(out))
+                    cols[m].append(np.full(len(x), np.nan) if s is None else np.asarray(s, dtype=np.float64))
+            cat = [np.concatenate(c) if c else np.zeros(0) for c in [preds] + [cols[m] for m in names]]
+            return tuple(cat)
+
+        parts = map_rows(local, len(inputs), align=imageset.CHUNK_ROWS)
+        return parts[0].astype(np.int64), dict(zip(names, parts[1:]))
+
+    def split_scores(self, m: str, test: np.ndarray, val: np.ndarray, n_scored: int) -> SplitScores:
+        sc = self.scorers[m]
+        return SplitScores(test, val, params=dict(sc.params), seconds=self.fit_s[m] + self.score_s[m],
+                           fit_s=self.fit_s[m], score_s=self.score_s[m], n_scored=n_scored,
+                           forward_s=self.forward_s)
+
+
 def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, progress: bool = False,
                 cache: Callable[[str, Callable[[], SplitScores]], SplitScores] | None = None,
-                skipped: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, SplitScores]]:
+                skipped: dict[str, str] | None = None, scorers: dict | None = None
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, SplitScores]]:
     """Scores of ``methods`` on the split's test and validation images.
 
     ``osr``: a fitted GradientOSR, or a dict {preset: GradientOSR} (all on ``clf``).
@@ -122,6 +219,14 @@ def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, pr
     DataError from its fit, e.g. OpenMax without 2 correctly classified training samples
     of a class) is left out, its reason stored there and printed on stderr, instead of
     ending the whole run.
+
+    Streamed (docs/design.md, "Streaming"): the images are read chunk by chunk from the
+    split's image sources; the baselines not in the cache share one pass over the known
+    training images (their fits) and one over the test and validation images (their
+    scores, and the closed-set predictions); a preset scores chunk by chunk.
+    ``scorers``: a dict kept by the caller across calls on the same classifier and known
+    training data (a cross protocol's unknown sets): every baseline is fitted once, kept
+    there as (scorer, fit seconds), and reused; its records keep the fit time.
     Returns (y_true N, closed_pred N, {method: SplitScores}).
     """
     fitted = osr if isinstance(osr, dict) else ({osr.config_.preset: osr} if osr is not None else {})
@@ -129,47 +234,47 @@ def score_split(clf: Classifier, data: OSRData, methods: list[str], osr=None, pr
     if bad:
         raise ConfigError(f"unknown or unavailable methods {bad}; available: "
                           f"{', '.join(available_methods(list(fitted)))}")
-    x_test, x_val = clf.inputs(test_images(data)), clf.inputs(data.val.images)
-    t0 = time.perf_counter()
-    test_out, val_out = classifier_outputs(clf, x_test), classifier_outputs(clf, x_val)
-    forward_s, n_scored = time.perf_counter() - t0, len(x_test) + len(x_val)
-    train_out: list[ScorerInputs] = []
+    test_in, val_in = SourceInputs(test_source(data), clf.inputs), SourceInputs(data.val, clf.inputs)
+    n_scored = len(test_in) + len(val_in)
+    scores: dict[str, SplitScores] = {}
+    pending = []
+    for m in methods:
+        if m in fitted:
+            continue
+        try:
+            scores[m] = cache(m, _raise_miss) if cache else _raise_miss()
+        except _Miss:
+            pending.append(m)
+    base = _Baselines(clf, pending, scorers)
+    base.fit(SourceInputs(data.known_train, clf.inputs), data.known_train.labels)
+    closed_pred, test_scores = base.score(test_in)
+    val_scores = base.score(val_in)[1] if pending else {}
+    for m in pending:
+        if m in base.errors:
+            if skipped is None:
+                raise DataError(base.errors[m])
+            skipped[m] = base.errors[m]
+            print(f"gradosr: {m} left out on {data.spec.label}: {base.errors[m]}", file=sys.stderr)
+            continue
+        result = base.split_scores(m, test_scores[m], val_scores[m], n_scored)
+        scores[m] = cache(m, lambda result=result: result) if cache else result
 
     def compute(method: str) -> SplitScores:
         t0 = time.time()
-        if method in fitted:
-            osr = fitted[method]
-            osr.progress = progress
-            rule = (f"fixed-{osr.threshold_:g}" if osr.config_.threshold_rule == "fixed"
-                    else f"tpr{osr.config_.target_tpr:g}-val")
-            t1 = time.perf_counter()
-            test, val = sharded_osr_scores(osr, x_test), sharded_osr_scores(osr, x_val)
-            return SplitScores(test, val, osr.threshold_, rule, osr.config_.to_dict(), time.time() - t0,
-                               fit_s=getattr(osr, "fit_seconds_", None), score_s=time.perf_counter() - t1,
-                               n_scored=n_scored, forward_s=forward_s, cached=bool(getattr(osr, "reused_", False)))
-        scorer = make_scorer(method)
-        fit_s = 0.0
-        if scorer.needs_fit:
-            if not train_out:
-                train_out.append(classifier_outputs(clf, clf.inputs(data.known_train.images)))
-            t1 = time.perf_counter()
-            scorer.fit(train_out[0], data.known_train.labels)
-            fit_s = time.perf_counter() - t1
+        osr = fitted[method]
+        osr.progress = progress
+        rule = (f"fixed-{osr.threshold_:g}" if osr.config_.threshold_rule == "fixed"
+                else f"tpr{osr.config_.target_tpr:g}-val")
         t1 = time.perf_counter()
-        test, val = sharded_scores(scorer, test_out), sharded_scores(scorer, val_out)
-        return SplitScores(test, val, params=dict(scorer.params), seconds=time.time() - t0, fit_s=fit_s,
-                           score_s=time.perf_counter() - t1, n_scored=n_scored, forward_s=forward_s)
+        test, val = sharded_osr_scores(osr, test_in), sharded_osr_scores(osr, val_in)
+        return SplitScores(test, val, osr.threshold_, rule, osr.config_.to_dict(), time.time() - t0,
+                           fit_s=getattr(osr, "fit_seconds_", None), score_s=time.perf_counter() - t1,
+                           n_scored=n_scored, forward_s=base.forward_s, cached=bool(getattr(osr, "reused_", False)))
 
-    scores = {}
     for m in methods:
-        try:
+        if m in fitted:
             scores[m] = cache(m, lambda m=m: compute(m)) if cache else compute(m)
-        except DataError as exc:
-            if skipped is None or m in fitted:
-                raise
-            skipped[m] = str(exc)
-            print(f"gradosr: {m} left out on {data.spec.label}: {exc}", file=sys.stderr)
-    return test_labels(data), test_out.logits.argmax(1).numpy(), scores
+    return test_labels(data), closed_pred, {m: scores[m] for m in methods if m in scores}
 
 
 def split_records(spec: ProtocolSpec, y_true: np.ndarray, closed_pred: np.ndarray,

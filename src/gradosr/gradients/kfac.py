@@ -58,7 +58,7 @@ __all__ = ["KFACFactors", "fit_factors", "kfac_features", "kfac_layers", "FEATUR
 FEATURES = ("whitened", "activation", "gradient")
 _FLOOR = 1e-30
 _MEMO: OrderedDict = OrderedDict()
-_MEMO_SIZE = 8
+_MEMO_SIZE = 64
 
 
 def _digest(*tensors: Tensor) -> str:
@@ -147,20 +147,26 @@ def _check_x(x) -> None:
         raise DataError("x contains NaN or Inf values")
 
 
-def fit_factors(model: nn.Module, x: Tensor, target: str = "confounding", n_ones: int | None = None,
+def fit_factors(model: nn.Module, x, target: str = "confounding", n_ones: int | None = None,
                 output: str = "softmax", damping: float = 0.1, batch_size: int = 256) -> KFACFactors:
     """A and S of every layer below the head, from model inputs ``x`` (the known training
-    samples), in one pass of batches; returns their damped inverse square roots."""
-    _check_x(x)
+    samples: a tensor, or a callable returning an iterator of tensor chunks, read twice:
+    once for the memo's key, once for the factors), in one pass of batches; returns their
+    damped inverse square roots."""
+    chunks = (lambda: [x]) if isinstance(x, Tensor) else x
     if not damping > 0:
         raise ConfigError(f"damping must be > 0, got {damping!r}")
-    key = ("fit", _model_key(model), _digest(x), target, n_ones, output, float(damping), batch_size)
-    factors = _memo(key, lambda: _fit_factors(model, x, target, n_ones, output, damping, batch_size))
+    digests = []
+    for chunk in chunks():
+        _check_x(chunk)
+        digests.append(_digest(chunk))
+    key = ("fit", _model_key(model), tuple(digests), target, n_ones, output, float(damping), batch_size)
+    factors = _memo(key, lambda: _fit_factors(model, chunks, target, n_ones, output, damping, batch_size))
     factors.key = key
     return factors
 
 
-def _fit_factors(model, x, target, n_ones, output, damping, batch_size) -> KFACFactors:
+def _fit_factors(model, chunks, target, n_ones, output, damping, batch_size) -> KFACFactors:
     found = kfac_layers(model)
     sums = {n: [0.0, 0.0, 0] for n, _, _ in found}  # Σ u uᵀ, Σ δ δᵀ, positions
 
@@ -178,9 +184,10 @@ def _fit_factors(model, x, target, n_ones, output, damping, batch_size) -> KFACF
                             lambda a, m=m, r=r: r.check_input(m, a)) for n, m, r in found]
     ref = next(model.parameters())
     with capture.requiring_grad(layer.module.weight for layer in layers), eval_mode(model):
-        for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size].to(device=ref.device, dtype=ref.dtype)
-            _batch(model, layers, [0] * len(layers), xb, _loss(target, n_ones, output))
+        for x in chunks():
+            for start in range(0, len(x), batch_size):
+                xb = x[start:start + batch_size].to(device=ref.device, dtype=ref.dtype)
+                _batch(model, layers, [0] * len(layers), xb, _loss(target, n_ones, output))
     factors = KFACFactors([n for n, _, _ in found])
     for n, (uu, dd, count) in sums.items():
         if not count:

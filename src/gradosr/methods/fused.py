@@ -28,6 +28,7 @@ from gradosr.gradients.targets import check_n_ones
 from gradosr.methods.base import FitContext, FitData, register_strategy
 from gradosr.methods.detector_inputs import gradient_features
 from gradosr.representation import Standardizer, check_params_exist
+from gradosr.streams import chunk_rows, zip_labels
 
 
 @register_strategy("fusion")
@@ -46,23 +47,28 @@ class FusedMethod:
         return "gradient" in fus.signals and fus.gradient_rep == rep
 
     def fit(self, ctx: FitContext, data: FitData) -> "FusedMethod":
+        """Streamed: the known training and held-out inputs are read chunk by chunk
+        (:mod:`gradosr.streams`); what the detector keeps is its banks (kNN: N×K logit
+        gradients and N×D features, float64) and the held-out knowns' signal scores."""
         clf, rep = ctx.classifier, self.config.representation
+        rows = chunk_rows(self.config.extraction.batch_size)
         self.param_names_ = []
         self.scaler_ = Standardizer.identity(0)
         self.kfac_ = None
         if self._uses("norms"):
             self.param_names_ = select_parameters(clf.model, list(rep.params) if rep.params is not None else None)
-            self.scaler_ = Standardizer.fit(self._norms(clf, data.xv, "held-out knowns"))
+            self.scaler_ = Standardizer.fit(torch.cat([self._norms(clf, x, "held-out knowns")
+                                                       for x in data.xv.chunks(rows)]))
         if self._uses("kfac"):
             from gradosr.gradients.kfac import fit_factors
 
-            self.kfac_ = fit_factors(clf.model, data.xt, rep.target, rep.n_ones, rep.output,
+            self.kfac_ = fit_factors(clf.model, lambda: data.xt.chunks(rows), rep.target, rep.n_ones, rep.output,
                                      self.config.fusion.kfac_damping, self.config.extraction.batch_size)
             if self.config.fusion.gradient_metric == "knn":
-                self.scaler_ = Standardizer.fit(self._kfac(clf, data.xv))
+                self.scaler_ = Standardizer.fit(torch.cat([self._kfac(clf, x) for x in data.xv.chunks(rows)]))
         self.detector_ = FusedScorer(self.config.fusion)
-        self.detector_.fit(self.inputs(clf, data.xt, "known training"), data.yt)
-        self.detector_.calibrate(self.inputs(clf, data.xv, "held-out knowns"))
+        self.detector_.fit((self.inputs(clf, x, "known training"), y) for x, y in zip_labels(data.xt, data.yt, rows))
+        self.detector_.calibrate(self.inputs(clf, x, "held-out knowns") for x in data.xv.chunks(rows))
         return self
 
     def _norms(self, clf: Classifier, x: torch.Tensor, desc: str) -> torch.Tensor:

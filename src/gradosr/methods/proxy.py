@@ -14,7 +14,7 @@ P(known) of the members.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -62,7 +62,11 @@ class ProxyMethod:
             raise ConfigError(f"{exc} (the proxy classifier has {n_proxy} of the {k} known classes)") from None
 
     def fit(self, ctx: FitContext, data: FitData) -> "ProxyMethod":
+        """Not streamed: the proxy classifiers train on, and the detector reads, subsets
+        of the known training and held-out inputs, which are materialised here
+        (docs/design.md, "Streaming")."""
         cfg = self.config
+        data = replace(data, xt=data.xt.tensor(), xv=data.xv.tensor())
         splits = proxy_splits(ctx.classifier.num_classes, data.split_seed, cfg.proxy_unknown, cfg.proxy_ensemble)
         self.members_: list[ProxyMember] = []
         for i, labels in enumerate(splits):  # member i > 0 reuses member 0's final-classifier statistics
