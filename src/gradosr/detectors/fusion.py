@@ -22,6 +22,10 @@ Neighbors", ICML 2022) and adds up several standardised signals:
   training gradients under their tied covariance (Lee et al., NeurIPS 2018, applied in
   gradient space: the class-centred second moment of per-sample gradients is a centred
   empirical Fisher information), :class:`gradosr.detectors.mahalanobis.Mahalanobis`.
+  ``gradient_rep="kfac"`` reads the per-layer log Fisher-whitened (K-FAC) gradient
+  norms of the layers below the head (:mod:`gradosr.gradients.kfac`), or with
+  ``kfac_features`` their activation factors (the non-gradient control), both factors,
+  or the log of their sum; Mahalanobis, or Euclidean kNN on them standardised.
 - ``features``: kNN on L2-normalised penultimate features (Sun et al., 2022);
 - ``max_logit``: the maximum logit (Vaze et al., ICLR 2022);
 - ``gradnorm``: log ‖dJ/dW‖₁ of the head under the uniform target (Huang et al.,
@@ -69,7 +73,9 @@ from gradosr.errors import CheckpointError, ConfigError, DataError, NotFittedErr
 from gradosr.options import option
 
 SIGNALS = ("gradient", "features", "max_logit", "gradnorm", "gradorth")
-GRADIENT_REPS = ("head", "norms", "projection")
+GRADIENT_REPS = ("head", "norms", "projection", "kfac")
+#: what the kfac representation gives the gradient signal (:mod:`gradosr.gradients.kfac`)
+KFAC_FEATURES = ("whitened", "activation", "both", "whitened-sum", "activation-sum")
 COMBINES = ("sum", "fisher")
 GRADIENT_METRICS = ("knn", "mahalanobis")
 
@@ -93,8 +99,14 @@ class FusionConfig:
                           help="plus: the sum of the signals' z-scores on held-out knowns, or Fisher's combination "
                                "of their empirical p-values")
     gradient_metric: str = option("knn", choices=GRADIENT_METRICS,
-                                  help="plus, gradient_rep norms|projection: kNN, or the Mahalanobis distance to the "
-                                       "nearest class mean of the known training gradients")
+                                  help="plus, gradient_rep norms|projection|kfac: kNN, or the Mahalanobis distance to "
+                                       "the nearest class mean of the known training gradients")
+    kfac_features: str = option("whitened", choices=KFAC_FEATURES,
+                                help="plus, gradient_rep kfac: the per-layer log Fisher-whitened gradient norms, the "
+                                     "activation factors (the non-gradient control), both factors, or the log of "
+                                     "their sum over layers")
+    kfac_damping: float = option(0.1, help="plus, gradient_rep kfac: damping of the K-FAC factors, times their mean "
+                                           "eigenvalue")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "signals", tuple(self.signals))
@@ -109,6 +121,10 @@ class FusionConfig:
             raise ConfigError(f"gradient_metric must be one of {GRADIENT_METRICS}, got {self.gradient_metric!r}")
         if self.gradient_metric == "mahalanobis" and self.gradient_rep == "head":
             raise ConfigError("gradient_metric mahalanobis needs gradient_rep norms or projection")
+        if self.kfac_features not in KFAC_FEATURES:
+            raise ConfigError(f"kfac_features must be one of {KFAC_FEATURES}, got {self.kfac_features!r}")
+        if not (isinstance(self.kfac_damping, (int, float)) and self.kfac_damping > 0):
+            raise ConfigError(f"kfac_damping must be > 0, got {self.kfac_damping!r}")
         if self.combine not in COMBINES:
             raise ConfigError(f"combine must be one of {COMBINES}, got {self.combine!r}")
         if isinstance(self.projection_dim, bool) or int(self.projection_dim) != self.projection_dim \
@@ -118,13 +134,15 @@ class FusionConfig:
 
 def signal_scorers(config: FusionConfig) -> dict[str, Scorer]:
     """The unfitted scorer of every signal of ``config``, by signal name."""
-    rep = {"head": ("logit_grad", "features"), "norms": ("norms",), "projection": ("projection",)}[config.gradient_rep]
+    rep = {"head": ("logit_grad", "features"), "norms": ("norms",), "projection": ("projection",),
+           "kfac": ("kfac",)}[config.gradient_rep]
     out: dict[str, Scorer] = {}
     for s in config.signals:
         if s == "gradient" and config.gradient_metric == "mahalanobis":
             out[s] = Mahalanobis(source=rep[0])
         elif s == "gradient":
-            out[s] = KNN(config.k, factors=rep, normalize=config.gradient_rep != "norms", bank_dtype="float64")
+            out[s] = KNN(config.k, factors=rep, normalize=config.gradient_rep not in ("norms", "kfac"),
+                         bank_dtype="float64")
         elif s == "features":
             out[s] = KNN(config.k, bank_dtype="float64")
         elif s == "max_logit":

@@ -102,6 +102,20 @@ VARIANTS: list[Variant] = [
     Variant("plus-norms-mahalanobis", "plus", {"gradient_rep": "norms", "gradient_metric": "mahalanobis"},
             "gradient signal: Mahalanobis distance of the standardised log per-parameter squared norms",
             "Lee et al., NeurIPS 2018, in gradient space"),
+    *[Variant(name, "plus", {"gradient_rep": "kfac", "gradient_metric": "mahalanobis", "kfac_features": feats},
+              change, cite) for name, feats, change, cite in [
+        ("plus-kfac", "whitened", "gradient signal: Mahalanobis of the per-layer log Fisher-whitened (K-FAC) "
+         "gradient norms of the layers below the head", "Martens & Grosse, ICML 2015; Grosse & Martens, ICML 2016"),
+        ("plus-kfac-act", "activation", "control of plus-kfac: Mahalanobis of the per-layer log activation factors "
+         "only (no gradient)", ""),
+        ("plus-kfac-both", "both", "gradient signal: Mahalanobis of both K-FAC factors per layer (activation and "
+         "output gradient)", ""),
+        ("plus-kfac-sum", "whitened-sum", "gradient signal: 1-D Mahalanobis of the log sum over layers of the "
+         "whitened gradient norms", ""),
+        ("plus-kfac-act-sum", "activation-sum", "control of plus-kfac-sum: the log sum over layers of the "
+         "activation factors", "")]],
+    Variant("plus-kfac-knn", "plus", {"gradient_rep": "kfac"},
+            "gradient signal: Euclidean kNN on the standardised per-layer log whitened gradient norms"),
     Variant("plus-gradorth", "plus", {"signals": ("gradorth", "features", "max_logit")},
             "GradOrth's projected head-gradient norm in place of the gradient kNN", "Behpour et al., NeurIPS 2023"),
     Variant("plus-gradnorm", "plus", {"signals": ("gradnorm", "features", "max_logit")},

@@ -7,7 +7,9 @@ The gradient representations it computes (:meth:`FusedMethod.inputs`): the logit
 gradient g (N×K) of the configured loss, whose outer product with the features is the
 head's weight gradient g hᵀ; the paper's log gradient norms (N×P), standardised with the
 held-out knowns' statistics; a random projection of the full per-sample gradient of
-every Linear/Conv weight (N×P', :mod:`gradosr.gradients.projection`).
+every Linear/Conv weight (N×P', :mod:`gradosr.gradients.projection`); the per-layer
+log Fisher-whitened (K-FAC) gradient norms of the layers below the head, with the
+factors fitted on the known training inputs (:mod:`gradosr.gradients.kfac`).
 """
 
 from __future__ import annotations
@@ -52,10 +54,18 @@ class FusedMethod:
         rows = chunk_rows(self.config.extraction.batch_size)
         self.param_names_ = []
         self.scaler_ = Standardizer.identity(0)
+        self.kfac_ = None
         if self._uses("norms"):
             self.param_names_ = select_parameters(clf.model, list(rep.params) if rep.params is not None else None)
             self.scaler_ = Standardizer.fit(torch.cat([self._norms(clf, x, "held-out knowns")
                                                        for x in data.xv.chunks(rows)]))
+        if self._uses("kfac"):
+            from gradosr.gradients.kfac import fit_factors
+
+            self.kfac_ = fit_factors(clf.model, lambda: data.xt.chunks(rows), rep.target, rep.n_ones, rep.output,
+                                     self.config.fusion.kfac_damping, self.config.extraction.batch_size)
+            if self.config.fusion.gradient_metric == "knn":
+                self.scaler_ = Standardizer.fit(torch.cat([self._kfac(clf, x) for x in data.xv.chunks(rows)]))
         self.detector_ = FusedScorer(self.config.fusion)
         self.detector_.fit((self.inputs(clf, x, "known training"), y) for x, y in zip_labels(data.xt, data.yt, rows))
         self.detector_.calibrate(self.inputs(clf, x, "held-out knowns") for x in data.xv.chunks(rows))
@@ -63,6 +73,19 @@ class FusedMethod:
 
     def _norms(self, clf: Classifier, x: torch.Tensor, desc: str) -> torch.Tensor:
         return gradient_features(clf.model, x, self.config, self.param_names_, self.seed, self.progress, desc)
+
+    def _kfac(self, clf: Classifier, x: torch.Tensor) -> torch.Tensor:
+        """The K-FAC representation ``fusion.kfac_features`` of model inputs x (float64 N×L,
+        N×2L or N×1)."""
+        from gradosr.gradients.kfac import kfac_features
+
+        rep, which = self.config.representation, self.config.fusion.kfac_features
+        f = kfac_features(clf.model, x, self.kfac_, rep.target, rep.n_ones, rep.output,
+                          self.config.extraction.batch_size)
+        if which == "both":
+            return torch.cat([f["activation"], f["gradient"]], 1)
+        base = f["activation"] if which.startswith("activation") else f["whitened"]
+        return torch.logsumexp(base, 1, keepdim=True) if which.endswith("-sum") else base
 
     def inputs(self, clf: Classifier, x: torch.Tensor, desc: str = "gradients") -> ScorerInputs:
         """What the fused detector reads of model inputs x: logits N×K and features N×D
@@ -74,6 +97,9 @@ class FusedMethod:
             out.gradients["logit_grad"] = logit_gradient(logits, rep.target, rep.n_ones, rep.output)
         if self._uses("norms"):
             out.gradients["norms"] = self.scaler_(self._norms(clf, x, desc))
+        if self._uses("kfac"):
+            kf = self._kfac(clf, x)
+            out.gradients["kfac"] = self.scaler_(kf) if self.config.fusion.gradient_metric == "knn" else kf
         if self._uses("projection"):
             from gradosr.gradients.projection import projected_gradients
 
@@ -93,7 +119,11 @@ class FusedMethod:
         tensors, meta = self.detector_.state()
         tensors = with_prefix(tensors, "detector.")
         tensors["scaler.final.mean"], tensors["scaler.final.std"] = self.scaler_.mean, self.scaler_.std
-        return tensors, {"param_names": self.param_names_, "detector": meta}
+        kfac = getattr(self, "kfac_", None)
+        if kfac is not None:
+            tensors.update(with_prefix(kfac.state(), "kfac."))
+        return tensors, {"param_names": self.param_names_, "detector": meta,
+                         "kfac_layers": kfac.names if kfac is not None else None}
 
     @classmethod
     def from_state(cls, tensors: dict, meta: dict, config, classifier: Classifier, seed: int) -> "FusedMethod":
@@ -102,6 +132,11 @@ class FusedMethod:
             self.param_names_ = list(meta["param_names"])
             self.scaler_ = Standardizer(tensors["scaler.final.mean"], tensors["scaler.final.std"])
             self.detector_ = FusedScorer.from_state(under_prefix(tensors, "detector."), meta["detector"])
+            self.kfac_ = None
+            if meta.get("kfac_layers") is not None:
+                from gradosr.gradients.kfac import KFACFactors
+
+                self.kfac_ = KFACFactors.from_state(meta["kfac_layers"], under_prefix(tensors, "kfac."))
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"the stored fused method is incomplete: missing {exc}") from None
         check_params_exist(self.param_names_, classifier.model)
