@@ -40,6 +40,7 @@ from gradosr.detectors.base import Scorer, check_labels, class_counts, float_row
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.intermediate import batched, check_batch_size, model_inputs
 from gradosr.detectors.registry import register
+from gradosr.detectors.search import Bank
 from gradosr.errors import ConfigError, DataError
 from gradosr.models import find_head
 
@@ -53,14 +54,15 @@ def prototype_gradient(h: torch.Tensor, protos: torch.Tensor, ood: torch.Tensor)
     return (q_o / d_o.clamp_min(1e-300))[:, None] * (h - ood[None])
 
 
-def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Euclidean distance of every query row to its nearest row of ``bank`` (exact, by
-    explicit differences of the selected neighbour)."""
-    out = []
-    for q in queries.split(chunk):
-        idx = torch.cdist(q, bank).argmin(dim=1)
-        out.append((q - bank[idx]).norm(dim=1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=queries.dtype)
+def nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance of every query row to its nearest row of ``bank``: the neighbour
+    from the project's exact search (:class:`gradosr.detectors.search.Bank`, float64,
+    memory bounded by its blocks, ties to the lowest index), the distance by explicit
+    difference."""
+    if not len(queries):
+        return torch.zeros(0, dtype=queries.dtype)
+    idx = Bank.of(bank, "float64", "l2", "torch").search(queries, 1)[:, 0]
+    return (queries - bank[idx]).norm(dim=1)
 
 
 @register
