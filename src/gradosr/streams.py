@@ -203,18 +203,19 @@ class LoaderInputs(ModelInputs):
         raise DataError("the Dataset or DataLoader holds no samples")
 
 
-def rechunk(parts: Iterable[torch.Tensor], rows: int) -> Iterator[torch.Tensor]:
-    """The rows of ``parts`` in chunks of exactly ``rows`` rows (the last one shorter)."""
+def rechunk(parts: Iterable, rows: int, cat: Callable = torch.cat) -> Iterator:
+    """The rows of ``parts`` (tensors, or NumPy arrays with ``cat=np.concatenate``) in
+    chunks of exactly ``rows`` rows (the last one shorter)."""
     pending, held = [], 0
     for part in parts:
         pending.append(part)
         held += len(part)
         while held >= rows:
-            block = torch.cat(pending) if len(pending) > 1 else pending[0]
+            block = cat(pending) if len(pending) > 1 else pending[0]
             yield block[:rows]
             pending, held = ([block[rows:]] if len(block) > rows else []), len(block) - rows
     if held:
-        yield torch.cat(pending) if len(pending) > 1 else pending[0]
+        yield cat(pending) if len(pending) > 1 else pending[0]
 
 
 def as_model_inputs(x, to_inputs: Callable, y=None) -> ModelInputs:

@@ -271,17 +271,10 @@ def float_row_blocks(parts: list[ScorerInputs], name: str, method: str, rows: in
     """The rows of the field ``name`` of every part, one part after another, as float64
     NumPy blocks of exactly ``rows`` rows (the last one shorter): the same blocks
     however the rows were split into parts, so sums over blocks do not depend on it."""
-    pending, held = [], 0
-    for part in parts:
-        for _, x in float_row_chunks(part, name, method, rows):
-            pending.append(x)
-            held += len(x)
-            while held >= rows:
-                block = np.concatenate(pending) if len(pending) > 1 else pending[0]
-                yield block[:rows]
-                pending, held = ([block[rows:]] if len(block) > rows else []), len(block) - rows
-    if held:
-        yield np.concatenate(pending) if len(pending) > 1 else pending[0]
+    from gradosr.streams import rechunk
+
+    chunks = (x for part in parts for _, x in float_row_chunks(part, name, method, rows))
+    yield from rechunk(chunks, rows, np.concatenate)
 
 
 def _finite(x: np.ndarray, name: str, method: str) -> np.ndarray:
