@@ -15,6 +15,7 @@ from gradosr.checkpoint import load_tensors, save_tensors
 from gradosr.detectors import METHODS, Scorer, ScorerInputs, make_scorer, register, unregister
 from gradosr.errors import NotFittedError
 from gradosr.gradients.logit import logit_gradient
+from gradosr.gradients.projection import projected_gradients
 from gradosr.models import find_head
 from test_osr import X, X_VAL, Y, make_data, trained_model
 
@@ -34,7 +35,8 @@ def inputs(x: np.ndarray) -> ScorerInputs:
         z = MODEL(xt)
     hook.remove()
     return ScorerInputs(z, feats[0], xt, MODEL, head.weight.detach(), head.bias.detach(),
-                        gradients={"logit_grad": logit_gradient(z), "representation": feats[0].double()})
+                        gradients={"logit_grad": logit_gradient(z), "representation": feats[0].double(),
+                                   "projection": projected_gradients(MODEL, xt, 4, seed=0)})
 
 
 TRAIN, VAL, TEST = inputs(X), inputs(X_VAL), inputs(X_TEST)

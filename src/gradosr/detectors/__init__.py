@@ -38,6 +38,7 @@ from gradosr.detectors.grood import GROOD  # isort: skip
 from gradosr.detectors.gaia import GAIAZ, GAIAA  # isort: skip
 from gradosr.detectors.mahalanobis_ml import MahalanobisML, MahalanobisMLPP  # isort: skip
 from gradosr.detectors.gradorth import GradOrth  # isort: skip  (components after the baselines)
+from gradosr.detectors.leverage import Leverage  # isort: skip
 from gradosr.detectors.mlp import MLPDetector  # isort: skip
 from gradosr.detectors.fusion import FusedScorer  # isort: skip
 from gradosr.detectors.inputs import ScorerInputs  # isort: skip
@@ -49,5 +50,5 @@ __all__ = [
     "make_scorer",
     "ViM", "RMDS", "FDBD", "NNGuide", "GEN", "Entropy", "KLMatching", "NCI", "GMM",
     "ReAct", "AshS", "AshB", "AshP", "Scale", "Dice", "SHE",
-    "NAC", "GROOD", "GAIAZ", "GAIAA", "MahalanobisML", "MahalanobisMLPP",
+    "NAC", "GROOD", "GAIAZ", "GAIAA", "MahalanobisML", "MahalanobisMLPP", "Leverage",
 ]

@@ -30,7 +30,15 @@ Neighbors", ICML 2022) and adds up several standardised signals:
 - ``max_logit``: the maximum logit (Vaze et al., ICLR 2022);
 - ``gradnorm``: log ‖dJ/dW‖₁ of the head under the uniform target (Huang et al.,
   NeurIPS 2021; higher = known), for ablations;
-- ``gradorth``: GradOrth (Behpour et al., NeurIPS 2023), :mod:`gradosr.detectors.gradorth`.
+- ``gradorth``: GradOrth (Behpour et al., NeurIPS 2023), :mod:`gradosr.detectors.gradorth`;
+- ``activation``: the Mahalanobis distance of the per-layer log activation factors
+  a_l = mean_t ‖(A_l+γI)^-½ u_t‖² of the layers below the head
+  (:mod:`gradosr.gradients.kfac`; no gradient), so that a gradient signal can sit
+  beside it (docs/ablation.md, round 3).
+
+``gradient_metric="leverage"`` scores the gradient representation by its self-influence
+−gᵀ(GᵀG/N + γI)⁻¹g against the known training gradients (TRAK, Park et al., ICML 2023;
+:class:`gradosr.detectors.leverage.Leverage`).
 
 Every signal is a registered scorer (:func:`signal_scorers`): the gradient kNN is
 :class:`gradosr.detectors.knn.KNN` with ``factors=("logit_grad", "features")`` (or one
@@ -49,7 +57,8 @@ rounding into changes of ~1e-5 of the fused score.
 Inputs (:class:`gradosr.detectors.inputs.ScorerInputs`): ``logits`` N×K, ``features``
 N×D and the gradient representations the configuration reads: ``logit_grad`` N×K (the
 logit gradient g of the configured target, :func:`gradosr.gradients.logit.logit_gradient`),
-``norms`` N×P (standardised log gradient norms), ``projection`` N×P'.
+``norms`` N×P (standardised log gradient norms), ``projection`` N×P', ``kfac`` N×L (or
+N×2L, N×1) and ``kfac_activation`` N×L (the ``activation`` signal).
 """
 
 from __future__ import annotations
@@ -66,18 +75,19 @@ from gradosr.detectors.gradnorm import GradNorm
 from gradosr.detectors.gradorth import GradOrth
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.knn import KNN
+from gradosr.detectors.leverage import Leverage
 from gradosr.detectors.mahalanobis import Mahalanobis
 from gradosr.detectors.mls import MLS
 from gradosr.detectors.registry import METHODS, register
 from gradosr.errors import CheckpointError, ConfigError, DataError, NotFittedError
 from gradosr.options import option
 
-SIGNALS = ("gradient", "features", "max_logit", "gradnorm", "gradorth")
+SIGNALS = ("gradient", "features", "max_logit", "gradnorm", "gradorth", "activation")
 GRADIENT_REPS = ("head", "norms", "projection", "kfac")
 #: what the kfac representation gives the gradient signal (:mod:`gradosr.gradients.kfac`)
 KFAC_FEATURES = ("whitened", "activation", "both", "whitened-sum", "activation-sum")
 COMBINES = ("sum", "fisher")
-GRADIENT_METRICS = ("knn", "mahalanobis")
+GRADIENT_METRICS = ("knn", "mahalanobis", "leverage")
 
 
 @dataclass(frozen=True)
@@ -99,8 +109,9 @@ class FusionConfig:
                           help="plus: the sum of the signals' z-scores on held-out knowns, or Fisher's combination "
                                "of their empirical p-values")
     gradient_metric: str = option("knn", choices=GRADIENT_METRICS,
-                                  help="plus, gradient_rep norms|projection|kfac: kNN, or the Mahalanobis distance to "
-                                       "the nearest class mean of the known training gradients")
+                                  help="plus, gradient_rep norms|projection|kfac: kNN, the Mahalanobis distance to "
+                                       "the nearest class mean of the known training gradients, or the leverage "
+                                       "(self-influence) against them")
     kfac_features: str = option("whitened", choices=KFAC_FEATURES,
                                 help="plus, gradient_rep kfac: the per-layer log Fisher-whitened gradient norms, the "
                                      "activation factors (the non-gradient control), both factors, or the log of "
@@ -119,8 +130,8 @@ class FusionConfig:
             raise ConfigError(f"k must be a positive integer, got {self.k!r}")
         if self.gradient_metric not in GRADIENT_METRICS:
             raise ConfigError(f"gradient_metric must be one of {GRADIENT_METRICS}, got {self.gradient_metric!r}")
-        if self.gradient_metric == "mahalanobis" and self.gradient_rep == "head":
-            raise ConfigError("gradient_metric mahalanobis needs gradient_rep norms or projection")
+        if self.gradient_metric != "knn" and self.gradient_rep == "head":
+            raise ConfigError(f"gradient_metric {self.gradient_metric} needs gradient_rep norms, projection or kfac")
         if self.kfac_features not in KFAC_FEATURES:
             raise ConfigError(f"kfac_features must be one of {KFAC_FEATURES}, got {self.kfac_features!r}")
         if not (isinstance(self.kfac_damping, (int, float)) and self.kfac_damping > 0):
@@ -140,6 +151,10 @@ def signal_scorers(config: FusionConfig) -> dict[str, Scorer]:
     for s in config.signals:
         if s == "gradient" and config.gradient_metric == "mahalanobis":
             out[s] = Mahalanobis(source=rep[0])
+        elif s == "gradient" and config.gradient_metric == "leverage":
+            out[s] = Leverage(source=rep[0])
+        elif s == "activation":
+            out[s] = Mahalanobis(source="kfac_activation")
         elif s == "gradient":
             out[s] = KNN(config.k, factors=rep, normalize=config.gradient_rep not in ("norms", "kfac"),
                          bank_dtype="float64")

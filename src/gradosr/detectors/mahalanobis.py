@@ -151,8 +151,29 @@ def pinv_sqrt(cov: np.ndarray) -> np.ndarray:
     return u[:, keep] / np.sqrt(lam[keep])
 
 
+class StreamedMoments:
+    """Scorer mixin: the fit streams the rows of the field ``self.source`` into
+    ``self._moments`` (:class:`ClassMoments`; with ``_single_class`` every row is class 0);
+    the subclass's ``_finalize`` reads them."""
+
+    _single_class = False
+
+    def _start_fit(self) -> None:
+        self._moments = ClassMoments()
+
+    def _pending(self) -> bool:
+        return getattr(self, "_moments", None) is not None and self._moments.n > 0 and not getattr(self, "fitted_", False)
+
+    def _accumulate(self, chunk: ScorerInputs, labels) -> None:
+        """Add one chunk's rows to the moments (streamed)."""
+        if getattr(self, "_moments", None) is None:
+            self._start_fit()
+        accumulate_moments([self._moments], chunk, labels, self.source, f"{self.method_id} (fit)",
+                           single_class=[self._single_class])
+
+
 @register
-class Mahalanobis(Scorer):
+class Mahalanobis(StreamedMoments, Scorer):
     method_id = "mahalanobis"
     family = "feature"
     paper = "Lee, Lee, Lee & Shin, NeurIPS 2018"
@@ -174,18 +195,6 @@ class Mahalanobis(Scorer):
             "feature_ensemble": False,
         }
         self.means_: np.ndarray | None = None
-
-    def _start_fit(self) -> None:
-        self._moments = ClassMoments()
-
-    def _pending(self) -> bool:
-        return getattr(self, "_moments", None) is not None and self._moments.n > 0 and not getattr(self, "fitted_", False)
-
-    def _accumulate(self, chunk: ScorerInputs, labels) -> None:
-        """Add one chunk's rows to the class means and the tied scatter (streamed)."""
-        if getattr(self, "_moments", None) is None:
-            self._start_fit()
-        accumulate_moments([self._moments], chunk, labels, self.source, "Mahalanobis (fit)")
 
     def _finalize(self) -> None:
         """Class means and the tied covariance's pseudo-inverse square root."""

@@ -153,6 +153,7 @@ class MahalanobisML(Scorer):
             whiten[d0:d0 + d, r0:r0 + r] = g.whiten_
             d0, r0 = d0 + d, r0 + r
         self.whiten_ = whiten
+        self._restored()  # the per-layer Gaussians as a loaded scorer has them (bit-identical scores)
         train = self.layer_scores(inputs)
         self.centre_ = train.mean(axis=0).tolist()
         spread = train.std(axis=0)

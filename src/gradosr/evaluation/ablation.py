@@ -116,6 +116,20 @@ VARIANTS: list[Variant] = [
          "activation factors", "")]],
     Variant("plus-kfac-knn", "plus", {"gradient_rep": "kfac"},
             "gradient signal: Euclidean kNN on the standardised per-layer log whitened gradient norms"),
+    # round 3 (docs/ablation.md): a gradient signal beside the activation signal, and the leverage
+    Variant("plus-leverage", "plus", {"gradient_rep": "projection", "gradient_metric": "leverage"},
+            "gradient signal: self-influence (leverage) of the projected full gradient against the known training "
+            "gradients", "Park et al., ICML 2023 (TRAK); Choe et al., 2024 (LoGra)"),
+    *[Variant(name, "plus", {"signals": ("activation", "gradient", "features", "max_logit"), **opts}, change, cite)
+      for name, opts, change, cite in [
+          ("plus-kfac-act-leverage", {"gradient_rep": "projection", "gradient_metric": "leverage"},
+           "plus-kfac-act with a fourth signal: the leverage of the projected full gradient",
+           "Park et al., ICML 2023 (TRAK)"),
+          ("plus-kfac-act-projection", {"gradient_rep": "projection", "gradient_metric": "mahalanobis"},
+           "plus-kfac-act with a fourth signal: the Mahalanobis distance of the projected full gradient", ""),
+          ("plus-kfac-act-whitened", {"gradient_rep": "kfac", "gradient_metric": "mahalanobis"},
+           "plus-kfac-act with a fourth signal: the Mahalanobis distance of the per-layer log whitened gradient "
+           "norms", "Martens & Grosse, ICML 2015")]],
     Variant("plus-gradorth", "plus", {"signals": ("gradorth", "features", "max_logit")},
             "GradOrth's projected head-gradient norm in place of the gradient kNN", "Behpour et al., NeurIPS 2023"),
     Variant("plus-gradnorm", "plus", {"signals": ("gradnorm", "features", "max_logit")},

@@ -9,7 +9,8 @@ head's weight gradient g hᵀ; the paper's log gradient norms (N×P), standardis
 held-out knowns' statistics; a random projection of the full per-sample gradient of
 every Linear/Conv weight (N×P', :mod:`gradosr.gradients.projection`); the per-layer
 log Fisher-whitened (K-FAC) gradient norms of the layers below the head, with the
-factors fitted on the known training inputs (:mod:`gradosr.gradients.kfac`).
+factors fitted on the known training inputs (:mod:`gradosr.gradients.kfac`), whose
+activation factors also feed the ``activation`` signal.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class FusedMethod:
         fus = self.config.fusion
         return "gradient" in fus.signals and fus.gradient_rep == rep
 
+    def _needs_kfac(self) -> bool:
+        """Whether the K-FAC factors are fitted: the kfac gradient representation or the
+        ``activation`` signal (its activation factors)."""
+        return self._uses("kfac") or "activation" in self.config.fusion.signals
+
     def fit(self, ctx: FitContext, data: FitData) -> "FusedMethod":
         """Streamed: the known training and held-out inputs are read chunk by chunk
         (:mod:`gradosr.streams`); what the detector keeps is its banks (kNN: N×K logit
@@ -59,13 +65,13 @@ class FusedMethod:
             self.param_names_ = select_parameters(clf.model, list(rep.params) if rep.params is not None else None)
             self.scaler_ = Standardizer.fit(torch.cat([self._norms(clf, x, "held-out knowns")
                                                        for x in data.xv.chunks(rows)]))
-        if self._uses("kfac"):
+        if self._needs_kfac():
             from gradosr.gradients.kfac import fit_factors
 
             self.kfac_ = fit_factors(clf.model, lambda: data.xt.chunks(rows), rep.target, rep.n_ones, rep.output,
                                      self.config.fusion.kfac_damping, self.config.extraction.batch_size)
-            if self.config.fusion.gradient_metric == "knn":
-                self.scaler_ = Standardizer.fit(torch.cat([self._kfac(clf, x) for x in data.xv.chunks(rows)]))
+            if self._uses("kfac") and self.config.fusion.gradient_metric == "knn":
+                self.scaler_ = Standardizer.fit(torch.cat([self._kfac(clf, x)[0] for x in data.xv.chunks(rows)]))
         self.detector_ = FusedScorer(self.config.fusion)
         self.detector_.fit((self.inputs(clf, x, "known training"), y) for x, y in zip_labels(data.xt, data.yt, rows))
         self.detector_.calibrate(self.inputs(clf, x, "held-out knowns") for x in data.xv.chunks(rows))
@@ -74,18 +80,18 @@ class FusedMethod:
     def _norms(self, clf: Classifier, x: torch.Tensor, desc: str) -> torch.Tensor:
         return gradient_features(clf.model, x, self.config, self.param_names_, self.seed, self.progress, desc)
 
-    def _kfac(self, clf: Classifier, x: torch.Tensor) -> torch.Tensor:
-        """The K-FAC representation ``fusion.kfac_features`` of model inputs x (float64 N×L,
-        N×2L or N×1)."""
+    def _kfac(self, clf: Classifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the K-FAC representation ``fusion.kfac_features`` of model inputs x, float64
+        N×L, N×2L or N×1; the per-layer log activation factors, N×L), from one pass."""
         from gradosr.gradients.kfac import kfac_features
 
         rep, which = self.config.representation, self.config.fusion.kfac_features
         f = kfac_features(clf.model, x, self.kfac_, rep.target, rep.n_ones, rep.output,
                           self.config.extraction.batch_size)
         if which == "both":
-            return torch.cat([f["activation"], f["gradient"]], 1)
+            return torch.cat([f["activation"], f["gradient"]], 1), f["activation"]
         base = f["activation"] if which.startswith("activation") else f["whitened"]
-        return torch.logsumexp(base, 1, keepdim=True) if which.endswith("-sum") else base
+        return (torch.logsumexp(base, 1, keepdim=True) if which.endswith("-sum") else base), f["activation"]
 
     def inputs(self, clf: Classifier, x: torch.Tensor, desc: str = "gradients") -> ScorerInputs:
         """What the fused detector reads of model inputs x: logits N×K and features N×D
@@ -97,9 +103,12 @@ class FusedMethod:
             out.gradients["logit_grad"] = logit_gradient(logits, rep.target, rep.n_ones, rep.output)
         if self._uses("norms"):
             out.gradients["norms"] = self.scaler_(self._norms(clf, x, desc))
-        if self._uses("kfac"):
-            kf = self._kfac(clf, x)
-            out.gradients["kfac"] = self.scaler_(kf) if self.config.fusion.gradient_metric == "knn" else kf
+        if self._needs_kfac():
+            kf, act = self._kfac(clf, x)
+            if self._uses("kfac"):
+                out.gradients["kfac"] = self.scaler_(kf) if self.config.fusion.gradient_metric == "knn" else kf
+            if "activation" in fus.signals:
+                out.gradients["kfac_activation"] = act
         if self._uses("projection"):
             from gradosr.gradients.projection import projected_gradients
 
