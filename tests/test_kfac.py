@@ -199,3 +199,33 @@ def test_plus_with_activation_and_gradient_signals_round_trips(tmp_path):
     sig_both = both.method_.detector_.signal_scores(both.method_.inputs(clf, xt))
     sig_act = act.method_.detector_.signal_scores(act.method_.inputs(clf, xt))
     np.testing.assert_allclose(sig_both["activation"], sig_act["gradient"], rtol=1e-10)
+
+
+def test_plus_preset_is_the_chosen_round3_variant(tmp_path):
+    """The shipped ``plus`` preset scores as plus-kfac-act-whitened, the variant the
+    round-3 rule chose (docs/ablation.md), and as the activation and whitened-gradient
+    Mahalanobis scorers combined by hand; it fits, saves and loads to the same scores."""
+    from gradosr.evaluation.ablation import VARIANTS
+    from gradosr.osr import GradientOSR
+    from tiny_runs import TRAIN, TRAIN_CONFIG, VAL, quadrant_images
+    from gradosr.train import train_classifier
+    from tiny_runs import PRE, K, quiet
+
+    clf = train_classifier(TRAIN, VAL, list(range(K)), TRAIN_CONFIG, PRE, progress=False, log=quiet)
+    test = quadrant_images(6, seed=5).images
+    x, y = clf.inputs(np.concatenate([TRAIN.images, VAL.images])), np.concatenate([TRAIN.labels, VAL.labels])
+    plus = GradientOSR("plus", classifier=clf, train_config=TRAIN_CONFIG).fit(x, y)
+    variant = next(v for v in VARIANTS if v.name == "plus-kfac-act-whitened")
+    chosen = GradientOSR(variant.preset, classifier=clf, train_config=TRAIN_CONFIG, **variant.options).fit(x, y)
+    np.testing.assert_array_equal(plus.score_samples(test), chosen.score_samples(test))
+    assert plus.config_.fusion.signals == ("activation", "gradient", "features", "max_logit")
+    # its two layer signals are plus-kfac-act's and plus-kfac's Mahalanobis signals
+    xt = clf.inputs(test)
+    sig = plus.method_.detector_.signal_scores(plus.method_.inputs(clf, xt))
+    for name, feats in (("activation", "activation"), ("gradient", "whitened")):
+        one = GradientOSR("plus", classifier=clf, train_config=TRAIN_CONFIG, signals=("gradient", "features", "max_logit"),
+                          gradient_rep="kfac", gradient_metric="mahalanobis", kfac_features=feats).fit(x, y)
+        np.testing.assert_allclose(sig[name], one.method_.detector_.signal_scores(one.method_.inputs(clf, xt))["gradient"],
+                                   rtol=1e-10)
+    plus.save(tmp_path / "plus")
+    np.testing.assert_array_equal(GradientOSR.load(tmp_path / "plus").score_samples(test), plus.score_samples(test))

@@ -18,7 +18,7 @@ resumes from it) and ``results.md``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +37,8 @@ class Variant:
     options: dict
     change: str
     cite: str = ""
+    #: the row ΔAUROC is measured against ("" = the preset's own row)
+    base: str = ""
 
 
 def _params_last(k: int) -> Callable:
@@ -48,7 +50,10 @@ def _params_last(k: int) -> Callable:
     return select
 
 
-#: variants, by family; the first of each family is its base
+#: the plus preset as shipped in rounds 1-2 (docs/ablation.md); the plus-family rows of rounds 1-3 are changes of it
+PLUS_R1 = {"signals": ("gradient", "features", "max_logit"), "gradient_rep": "head", "gradient_metric": "knn"}
+
+#: variants, by family; the first of each family is its base (ΔAUROC against ``base`` where it is set)
 VARIANTS: list[Variant] = [
     Variant("paper", "paper", {}, "the paper as stated (docs/design.md)", "Lee & AlRegib, ICIP 2021"),
     Variant("paper-sigmoid", "paper", {"output": "sigmoid"}, "sigmoid instead of softmax outputs in the confounding loss"),
@@ -82,8 +87,13 @@ VARIANTS: list[Variant] = [
             "Vaze et al., ICLR 2022; Liu et al., NeurIPS 2020; Hendrycks & Gimpel, ICLR 2017"),
     Variant("paper-tpr", "paper", {"threshold_rule": "tpr"},
             "threshold accepting 95% of held-out knowns instead of P(known) >= 0.95 (macro-F1 only)"),
-    Variant("plus", "plus", {}, "kNN on the head's confounding gradient + kNN on features + max logit, "
-            "Fisher's combination of their p-values on held-out knowns",
+    Variant("plus", "plus", {}, "the preset as shipped (round 3's plus-kfac-act-whitened): Mahalanobis of the "
+            "per-layer log activation norms and of the per-layer log Fisher-whitened gradient norms below the head "
+            "+ kNN on features + max logit, Fisher's combination", "docs/ablation.md, round 3", base="plus-r1"),
+    # rounds 1-3 vary the preset as shipped in rounds 1-2 (plus-r1): its options are pinned
+    *[replace(v, options={**PLUS_R1, **v.options}, base="plus-r1") for v in [
+    Variant("plus-r1", "plus", {}, "the preset of rounds 1-2: kNN on the head's confounding gradient + kNN on "
+            "features + max logit, Fisher's combination of their p-values on held-out knowns",
             "Sun et al., ICML 2022; Vaze et al., ICLR 2022; Fisher 1925"),
     Variant("plus-no-gradient", "plus", {"signals": ("features", "max_logit")}, "without the gradient signal"),
     Variant("plus-no-features", "plus", {"signals": ("gradient", "max_logit")}, "without the feature kNN"),
@@ -141,6 +151,7 @@ VARIANTS: list[Variant] = [
             "the sum of the signals' z-scores on held-out knowns instead of Fisher's combination of their "
             "p-values (the plus preset as first shipped)"),
     Variant("plus-k10", "plus", {"k": 10}, "k = 10 instead of 50"),
+    ]],
 ]
 VARIANT_NAMES = [v.name for v in VARIANTS]
 
@@ -296,14 +307,14 @@ def _document(settings: AblationSettings, records: list[dict], variants: list[Va
         "splits": sorted({r["split"] for r in records}),
         "variants": [{"name": v.name, "preset": v.preset, "options": {k: (list(x) if isinstance(x, tuple) else x)
                                                                       for k, x in v.options.items()},
-                      "change": v.change, "cite": v.cite} for v in variants],
+                      "change": v.change, "cite": v.cite, "base": v.base or v.preset} for v in variants],
         "seconds": round(seconds, 2),
     })
 
 
 def markdown(doc: dict) -> str:
     """The ablation table: one row per variant, mean ± std over splits, and the change of
-    mean AUROC against the base of its family (``paper`` or ``plus``)."""
+    mean AUROC against the base of its family (``paper``, or ``plus-r1`` for the ``plus`` rows)."""
     summary = doc["summary"]
     info = {v["name"]: v for v in doc.get("variants", [])}
     commands = doc.get("commands") or [doc["command"]]
@@ -312,11 +323,11 @@ def markdown(doc: dict) -> str:
                ["Commands (their records merged; each variant from the last command that ran it):", "",
                 *[f"- `{c}`" for c in commands]]), "",
              f"Mean ± std (population) over splits {doc.get('splits')}. ΔAUROC: against the base of the "
-             "family (`paper` or `plus`) on the same classifiers. `macro-F1` at the variant's own threshold "
+             "family (`paper`, or `plus-r1` for the `plus` rows) on the same classifiers. `macro-F1` at the variant's own threshold "
              "rule, `macro-F1@TPR95` at 95% acceptance of held-out knowns.", ""]
     rows = []
     for name, stats in summary.items():
-        base = info.get(name, {}).get("preset", "paper")
+        base = info.get(name, {}).get("base") or info.get(name, {}).get("preset", "paper")
         delta = stats["auroc"]["mean"] - summary[base]["auroc"]["mean"] if base in summary else float("nan")
         change = info.get(name, {}).get("change", "")
         cite = info.get(name, {}).get("cite", "")

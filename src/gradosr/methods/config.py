@@ -155,8 +155,10 @@ class OSRConfig:
 
 PRESETS: dict[str, OSRConfig] = {
     "paper": OSRConfig(),
-    # chosen on the mnist-sample splits only (docs/ablation.md)
-    "plus": OSRConfig(preset="plus", method="fusion", threshold_rule="tpr", fusion=FusionConfig(combine="fisher")),
+    # chosen on the tuning suite of docs/ablation.md (round 3: plus-kfac-act-whitened)
+    "plus": OSRConfig(preset="plus", method="fusion", threshold_rule="tpr",
+                      fusion=FusionConfig(signals=("activation", "gradient", "features", "max_logit"),
+                                          gradient_rep="kfac", gradient_metric="mahalanobis", combine="fisher")),
 }
 #: the preset of ``gradosr fit``/``evaluate``/``benchmark`` and of the demo
 DEFAULT_PRESET = "plus"
@@ -247,4 +249,5 @@ def nested_params(config: OSRConfig) -> dict:
 
 
 register_preset("paper", "gradient", "Lee & AlRegib, ICIP 2021")
-register_preset("plus", "gradient", "gradosr: kNN in gradient space + feature kNN + max logit (docs/ablation.md)")
+register_preset("plus", "gradient", "gradosr: Mahalanobis of per-layer activation and Fisher-whitened gradient norms "
+                "+ feature kNN + max logit (docs/ablation.md, round 3)")
