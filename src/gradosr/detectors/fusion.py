@@ -4,7 +4,11 @@ The ``paper`` preset (Lee & AlRegib, ICIP 2021) learns an MLP on the gradient
 representations of a *proxy* classifier and applies it to the final classifier's. The
 ``plus`` preset instead models the *final* classifier's known training samples directly
 (one-class, as kNN does: Sun et al., "Out-of-Distribution Detection with Deep Nearest
-Neighbors", ICML 2022) and adds up several standardised signals:
+Neighbors", ICML 2022) and adds up several standardised signals. The preset as
+shipped (docs/ablation.md, round 3) combines ``activation``, ``gradient`` with
+``gradient_rep="kfac"`` and ``gradient_metric="mahalanobis"``, ``features`` and
+``max_logit``; the defaults of :class:`FusionConfig` are the preset of rounds 1-2
+(``plus-r1``: kNN on the head gradient, features, max logit). The signals:
 
 - ``gradient``: kNN in gradient space. With ``gradient_rep="head"`` the representation is
   the full per-sample gradient of the confounding-label loss with respect to the head's
@@ -101,8 +105,9 @@ class FusionConfig:
                                       help="plus: comma-separated signals of the fused detector")
     gradient_rep: str = option("head", choices=GRADIENT_REPS,
                                help="plus: gradient representation of the gradient signal: the full head-weight "
-                                    "gradient, the log per-parameter squared norms, or a random projection of the "
-                                    "full gradient of every Linear/Conv weight")
+                                    "gradient, the log per-parameter squared norms, a random projection of the "
+                                    "full gradient of every Linear/Conv weight, or the per-layer log K-FAC "
+                                    "(Fisher-whitened) gradient norms below the head (the plus preset's)")
     k: int = option(50, help="plus: the largest k of the kNN signals")
     projection_dim: int = option(16, help="plus, gradient_rep projection: projected size per side of each layer")
     combine: str = option("sum", choices=COMBINES,
