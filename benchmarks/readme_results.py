@@ -29,7 +29,19 @@ REPORTS = [
     ("cross-fashion-mnist-to-mnist-sample",
      "cross-dataset: all fashion-mnist classes known, mnist-sample unknowns 1:1 ({n} seeds)"),
 ]
+#: the test protocols of docs/ablation.md (round 3): fresh splits and seeds, plus run unchanged
+TEST_REPORTS = [
+    ("test-fashion-mnist-seeds-101-105",
+     "test protocol: fashion-mnist, fresh random class splits (split seeds 101-105, {n} splits)"),
+    ("test-cross-mnist-sample-to-fashion-mnist",
+     "test protocol: all mnist-sample digits known, fashion-mnist unknowns (fresh seeds 10-14, {n} seeds)"),
+    ("test-cross-fashion-mnist-to-mnist-sample",
+     "test protocol: all fashion-mnist classes known, mnist-sample unknowns (fresh seeds 10-14, {n} seeds)"),
+]
+#: fashion-mnist known against every synthetic set (one folder per set)
+SYNTHETIC = "test-cross-fashion-mnist-to-synthetic"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+SYN_START, SYN_END = "<!-- synthetic:start -->", "<!-- synthetic:end -->"
 TABLES_START, TABLES_END = "<!-- tables:start -->", "<!-- tables:end -->"
 ABLATIONS = [
     ("mnist-sample", "Table 1: mnist-sample (tuning protocol), every variant"),
@@ -41,7 +53,7 @@ ABLATIONS = [
 
 def section() -> str:
     parts = []
-    for folder, title in REPORTS:
+    for folder, title in REPORTS + TEST_REPORTS:
         path = ROOT / "reports" / folder / "results.json"
         if not path.is_file():
             continue
@@ -51,6 +63,28 @@ def section() -> str:
                   "Top five by mean AUROC: " + top_five(doc["summary"]) + ".", "",
                   markdown_table(doc["summary"]), ""]
     return "\n".join(parts)
+
+
+def synthetic_table() -> str:
+    """Per synthetic set of :data:`SYNTHETIC`: plus, the best other method, Mahalanobis and
+    the paper preset (mean ± std AUROC over the seeds), and plus's FPR@95TPR."""
+    root = ROOT / "reports" / SYNTHETIC
+    rows, command, n = [], "", 0
+    for path in sorted(root.glob("*/results.json")):
+        doc = json.loads(path.read_text())
+        s, command, n = doc["summary"], doc["command"], len(doc.get("splits", []))
+        best = max((m for m in s if m != "plus"), key=lambda m: s[m]["auroc"]["mean"])
+
+        def cell(m):
+            return f"{s[m]['auroc']['mean']:.4f} ± {s[m]['auroc']['std']:.4f}" if m in s else "–"
+
+        rows.append(f"| {path.parent.name} | {cell('plus')} | {s['plus']['fpr95']['mean']:.4f} | {best} "
+                    f"({cell(best)}) | {cell('mahalanobis')} | {cell('paper')} |")
+    if not rows:
+        return ""
+    return "\n".join([f"`{command.replace(str(ROOT) + '/', '')}` ({n} seeds; report in `reports/{SYNTHETIC}/`)", "",
+                      "| unknown set | plus AUROC | plus FPR@95TPR | best other method (AUROC) | mahalanobis | paper |",
+                      "|---|---|---|---|---|---|", *rows])
 
 
 def top_five(summary: dict) -> str:
@@ -92,6 +126,8 @@ def main() -> None:
         print(text)
         return
     replace_between(ROOT / "README.md", START, END, text)
+    if synthetic_table():
+        replace_between(ROOT / "README.md", SYN_START, SYN_END, synthetic_table())
     replace_between(ROOT / "docs" / "ablation.md", TABLES_START, TABLES_END, ablation_tables())
 
 
