@@ -42,7 +42,7 @@ test_readers.py, test_checkpoint.py, test_cli.py, test_osr.py):
 34 [npz-labels]           non-integer, negative or out-of-range labels (a class without training images)
 35 [npz-unconvertible]    arrays that are not images (5-D, 2 channels, floats outside [0, 1], NaN, strings)
 36 [strict]               an unreadable image file under --strict
-37 [weights-pickle]       --weights naming a .pt/.pth pickle (refused with how to convert), or a missing file
+37 [weights-pickle]       --weights naming a .pt/.pth pickle, or a torch.save file renamed .safetensors (refused with how to convert), or a missing file
 38 [user-model]           --model that cannot be imported or called, a head that cannot be found, a bad --head
 39 [model-again]          evaluate/predict of a user-model run without --model, or with another one
 40 [weights-mismatch]     evaluate/predict with --weights other than the run's
@@ -670,6 +670,11 @@ def test_weights_pickle_or_missing(tmp_path, capsys, user_models):
               *_fit_args(root, tmp_path / "run", "--model", f"{user_models}:make", "--weights", tmp_path / "model.pt"))
     cli_fails(capsys, r"--weights: no such file", [tmp_path],
               *_fit_args(root, tmp_path / "run", "--model", f"{user_models}:make", "--weights", tmp_path / "no.safetensors"))
+    # a torch.save file renamed .safetensors: refused by its content, with how to convert it
+    shutil.copy(tmp_path / "model.pt", tmp_path / "renamed.safetensors")
+    cli_fails(capsys, r"is a pickle or torch.save file by its content.*never loads.*save_file", [tmp_path],
+              *_fit_args(root, tmp_path / "run", "--model", f"{user_models}:make", "--weights",
+                         tmp_path / "renamed.safetensors"))
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     cli_fails(capsys, r"not a readable safetensors file", [tmp_path],
               *_fit_args(root, tmp_path / "run", "--model", f"{user_models}:make", "--weights", tmp_path / "junk.safetensors"))

@@ -28,6 +28,21 @@ from gradosr.models.heads import find_head, set_head
 
 _REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
+#: how to turn a pickle checkpoint into the safetensors file ``--weights`` takes
+CONVERT = ("which gradosr never loads (it can run code). Convert it once, in Python, where you trust the file: "
+           "read its state dict with torch's loader and weights_only=True, then "
+           "safetensors.torch.save_file(state_dict, 'model.safetensors'), and pass --weights model.safetensors")
+
+
+def looks_pickled(path: Path) -> bool:
+    """Whether the file starts like a pickle (protocol 2+ opcode) or a torch.save zip
+    archive, whatever its name says (read: the first 2 bytes; nothing is unpickled)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return head[:1] == b"\x80" or head == b"PK"
 
 
 def is_import_path(name: object) -> bool:
@@ -97,10 +112,7 @@ def weights_sha256(path: str | Path) -> str:
     pickle (with how to convert it to safetensors)."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise DataError(f"--weights {path} is a pickle checkpoint ({path.suffix}), which gradosr never loads (it "
-                        "can run code). Convert it once, in Python, where you trust the file: read its state dict "
-                        "with torch's loader and weights_only=True, then safetensors.torch.save_file(state_dict, "
-                        "'model.safetensors'), and pass --weights model.safetensors")
+        raise DataError(f"--weights {path} is a pickle checkpoint ({path.suffix}), {CONVERT}")
     if not path.is_file():
         raise DataError(f"--weights: no such file: {path}")
     return sha256_of(path)
@@ -117,6 +129,8 @@ def load_weights(model: nn.Module, path: str | Path) -> str:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
+        if looks_pickled(Path(path)):
+            raise DataError(f"--weights {path} is a pickle or torch.save file by its content, {CONVERT}") from None
         raise DataError(f"--weights {path} is not a readable safetensors file: {exc}") from None
     if tensors and all(k.startswith("module.") for k in tensors):  # saved from DataParallel/DDP
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
