@@ -57,6 +57,21 @@ def test_tied_k_th_keys_inside_a_block_and_across_blocks():
         np.testing.assert_array_equal(vals.numpy(), np.take_along_axis(key.numpy(), expected, 1))
 
 
+def test_later_blocks_keep_only_keys_below_the_running_k_th_best():
+    """Past the first block only entries below a query's k-th best so far are selected
+    (:func:`gradosr.detectors.search.below`): with many tied integer keys and blocks
+    where few or most entries pass, the neighbours and keys are those of a full
+    lexicographic sort by (key, index)."""
+    rng = np.random.default_rng(4)
+    for low, high in ((0, 40), (0, 3)):  # few entries pass / most entries tie with the bound
+        key = torch.from_numpy(rng.integers(low, high, size=(23, 3000)).astype(np.float32))
+        expected = np.stack([np.lexsort((np.arange(3000), row))[:10] for row in key.numpy()])
+        for qc, bc in ((None, None), (5, 64), (23, 250), (1, 10)):
+            vals, idx = blocked_topk(23, 3000, 10, lambda r, c: key[r, c], qc, bc)
+            np.testing.assert_array_equal(idx.numpy(), expected)
+            np.testing.assert_array_equal(vals.numpy(), np.take_along_axis(key.numpy(), expected, 1))
+
+
 def test_chunk_sizes_do_not_change_the_neighbours():
     bank, query = data(n=300, m=25, seed=1)
     b = Bank.of(torch.from_numpy(bank), "float32", "l2", "torch")

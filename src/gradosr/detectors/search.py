@@ -115,6 +115,32 @@ def sort_by_key_then_index(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch
     return vals, idx.gather(1, order)
 
 
+def below(key: torch.Tensor, bound: torch.Tensor, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The k smallest entries of every row of ``key`` among those strictly below the
+    row's ``bound`` (rows × 1: the k-th best key so far, of lower bank indices, so an
+    entry equal to it can never enter), as :func:`select_smallest` gives them; rows with
+    fewer are padded with +inf (index: the block's width). (None, None) when no entry of
+    the block is below its bound. Only the candidates are sorted: after the first blocks
+    few entries pass, which is what makes the search about as fast as its matrix product."""
+    mask = key < bound
+    total = int(torch.count_nonzero(mask))  # (a per-row count of a bool matrix is several times slower)
+    if total == 0:
+        return None, None
+    if total * 8 >= mask.numel():  # many entries pass: a plain selection is as cheap
+        vals, idx = select_smallest(torch.where(mask, key, torch.full_like(key, float("inf"))), k)
+        return vals, torch.where(torch.isinf(vals), torch.full_like(idx, key.shape[1]), idx)
+    r, c = mask.nonzero(as_tuple=True)  # row-major: ascending columns within a row
+    counts = torch.bincount(r, minlength=key.shape[0])
+    width = int(counts.max())
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(len(r), device=key.device) - start[r]
+    cand = torch.full((key.shape[0], width), float("inf"), dtype=key.dtype, device=key.device)
+    cols = torch.full((key.shape[0], width), key.shape[1], dtype=torch.long, device=key.device)
+    cand[r, pos], cols[r, pos] = key[r, c], c
+    vals, j = select_smallest(cand, k)
+    return vals, cols.gather(1, j)
+
+
 def merge(best: tuple[torch.Tensor, torch.Tensor] | None, new: tuple[torch.Tensor, torch.Tensor],
           k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best of two sorted candidate lists, ``best`` holding only lower indices than ``new``."""
@@ -142,7 +168,13 @@ def blocked_topk(n_query: int, n_bank: int, k: int, block_key: Callable[[slice, 
     for qs in range(0, n_query, qc):
         rows, best = slice(qs, min(qs + qc, n_query)), None
         for bs in range(0, n_bank, bc):
-            vals, idx = select_smallest(block_key(rows, slice(bs, min(bs + bc, n_bank))), k)
+            key = block_key(rows, slice(bs, min(bs + bc, n_bank)))
+            if best is not None and best[0].shape[1] >= k:
+                vals, idx = below(key, best[0][:, -1:], k)
+                if vals is None:
+                    continue  # nothing in this block beats any query's k-th best so far
+            else:
+                vals, idx = select_smallest(key, k)
             best = merge(best, (vals, idx + bs), k)
         vals_out.append(best[0])
         idx_out.append(best[1])
