@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from gradosr.data.protocols import ProtocolSpec, load_protocol
 from gradosr.detectors.calibration import FisherCombination
@@ -127,7 +126,6 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=None,
                     help="unknown set folder(s) of a multi-set report (default: the report itself)")
     args = ap.parse_args(argv)
-    torch.set_grad_enabled(True)
     for report in args.reports:
         for results in ([report / s for s in args.sets] if args.sets else [report]):
             doc = json.loads((results / "results.json").read_text())

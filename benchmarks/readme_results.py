@@ -126,8 +126,9 @@ def main() -> None:
         print(text)
         return
     replace_between(ROOT / "README.md", START, END, text)
-    if synthetic_table():
-        replace_between(ROOT / "README.md", SYN_START, SYN_END, synthetic_table())
+    synthetic = synthetic_table()
+    if synthetic:
+        replace_between(ROOT / "README.md", SYN_START, SYN_END, synthetic)
     replace_between(ROOT / "docs" / "ablation.md", TABLES_START, TABLES_END, ablation_tables())
 
 

@@ -209,13 +209,20 @@ def check_folder(path: str | os.PathLike, what: str = "a checkpoint folder") -> 
     return path
 
 
+def looks_pickled(path: Path) -> bool:
+    """Whether the file starts like a pickle (protocol 2+ opcode) or a torch.save zip
+    archive, whatever its name says (reads its first 2 bytes; nothing is unpickled)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return head[:1] == b"\x80" or head == b"PK"
+
+
 def _pickle_hint(path: Path) -> str | None:
     """A refusal message when ``path`` looks like a pickle / torch.save file."""
-    try:
-        head = path.read_bytes()[:4]
-    except OSError:
-        return None
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+    if looks_pickled(path):
         return (f"{path} looks like a pickle or torch.save (.pt) file; gradosr never unpickles files "
                 "(they can execute code). Convert it to safetensors (safetensors.torch.save_file) or "
                 "load the model yourself and use GradientOSR.from_classifier")

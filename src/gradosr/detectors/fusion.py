@@ -41,7 +41,8 @@ shipped (docs/ablation.md, round 3) combines ``activation``, ``gradient`` with
   beside it (docs/ablation.md, round 3).
 
 ``gradient_metric="leverage"`` scores the gradient representation by its self-influence
-−gᵀ(GᵀG/N + γI)⁻¹g against the known training gradients (TRAK, Park et al., ICML 2023;
++gᵀ(GᵀG/N + γI)⁻¹g against the known training gradients (the confounding gradient grows
+with confidence, so larger = known) (TRAK, Park et al., ICML 2023;
 :class:`gradosr.detectors.leverage.Leverage`).
 
 Every signal is a registered scorer (:func:`signal_scorers`): the gradient kNN is

@@ -22,8 +22,10 @@ class means: M is centred at zero, as the Gauss–Newton / empirical Fisher matr
 :data:`gradosr.detectors.base.ROW_CHUNK` rows as the covariance plus the outer product
 of the mean (:class:`gradosr.detectors.mahalanobis.ClassMoments` with one class, Chan,
 Golub & LeVeque's pairwise update), so a chunked fit equals the one-shot fit to float64
-rounding and nothing N×N is formed. With M + γI = U diag(λ+γ) Uᵀ (``numpy.linalg.eigh``)
-and W = U diag((λ+γ)^-½), leverage(g) = ‖gW‖², evaluated in float64 chunks of queries.
+rounding and nothing N×N is formed. With M + γI = U diag(λ+γ) Uᵀ (``torch.linalg.eigh``)
+and W = U diag((λ+γ)^-½) Uᵀ, the damped inverse square root of the K-FAC factors
+(:func:`gradosr.gradients.kfac.damped_inv_sqrt`), leverage(g) = ‖gW‖², evaluated in
+float64 chunks of queries.
 
 Inputs: ``source`` names the representation (a ScorerInputs ``gradients`` key; in the
 ``plus`` family the LoGra projection ``projection``, N×P').
@@ -32,22 +34,14 @@ Inputs: ``source`` names the representation (a ScorerInputs ``gradients`` key; i
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from gradosr.detectors.base import Scorer, check_chunk_size, float_rows
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.mahalanobis import StreamedMoments
 from gradosr.detectors.registry import register
 from gradosr.errors import ConfigError, DataError
-
-
-def damped_inv_sqrt(m: np.ndarray, damping: float) -> np.ndarray:
-    """W (D×D) with W Wᵀ = (M + γI)⁻¹, γ = damping × trace(M)/D (``damping`` when the
-    trace is 0), for a symmetric PSD M (float64)."""
-    m = (m + m.T) / 2
-    gamma = damping * float(np.trace(m)) / max(1, len(m))
-    gamma = gamma if gamma > 0 else damping
-    lam, u = np.linalg.eigh(m)
-    return u / np.sqrt(np.maximum(lam, 0.0) + gamma)
+from gradosr.gradients.kfac import damped_inv_sqrt
 
 
 @register(kind="component")
@@ -77,11 +71,10 @@ class Leverage(StreamedMoments, Scorer):
         self.whiten_: np.ndarray | None = None
 
     def _finalize(self) -> None:
-        m = getattr(self, "_moments", None)
-        if m is None or m.flush().n == 0:
-            raise DataError(f"{self.method_id}: fit needs at least one training sample")
+        m = self._fitted_moments()
         mean = m.means[0]
-        self.whiten_ = damped_inv_sqrt(m.covariance() + np.outer(mean, mean), self.damping)
+        second = torch.from_numpy(m.covariance() + np.outer(mean, mean))
+        self.whiten_ = damped_inv_sqrt(second, self.damping).numpy()  # symmetric: W Wᵀ = (M + γI)⁻¹
         self._moments = None
         self.fitted_ = True
 

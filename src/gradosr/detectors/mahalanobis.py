@@ -171,6 +171,13 @@ class StreamedMoments:
         accumulate_moments([self._moments], chunk, labels, self.source, f"{self.method_id} (fit)",
                            single_class=[self._single_class])
 
+    def _fitted_moments(self) -> ClassMoments:
+        """The moments of every row added, flushed; DataError when no row was."""
+        m = getattr(self, "_moments", None)
+        if m is None or m.flush().n == 0:
+            raise DataError(f"{self.method_id}: fit needs at least one training sample")
+        return m
+
 
 @register
 class Mahalanobis(StreamedMoments, Scorer):
@@ -198,9 +205,7 @@ class Mahalanobis(StreamedMoments, Scorer):
 
     def _finalize(self) -> None:
         """Class means and the tied covariance's pseudo-inverse square root."""
-        m = getattr(self, "_moments", None)
-        if m is None or m.flush().n == 0:
-            raise DataError(f"{self.method_id}: fit needs at least one training sample")
+        m = self._fitted_moments()
         class_counts(m.counts, len(m.counts), "Mahalanobis", counted=True)
         self.cov_ = m.covariance()
         self.whiten_ = pinv_sqrt(self.cov_)  # D×r, Σ⁺ = W Wᵀ

@@ -127,8 +127,9 @@ class KFACFactors:
                    {n: tensors[f"{n}.s_isqrt"] for n in names})
 
 
-def _inv_sqrt(m: Tensor, damping: float) -> Tensor:
-    """(M + γI)^-½ of a symmetric PSD M, γ = damping × trace(M)/dim (eigh, float64)."""
+def damped_inv_sqrt(m: Tensor, damping: float) -> Tensor:
+    """(M + γI)^-½ of a symmetric PSD M, γ = damping × trace(M)/dim (``damping`` when the
+    trace is 0; eigh, float64)."""
     m = (m + m.T) / 2
     gamma = damping * float(torch.trace(m)) / m.shape[0]
     gamma = gamma if gamma > 0 else damping
@@ -192,8 +193,8 @@ def _fit_factors(model, chunks, target, n_ones, output, damping, batch_size) -> 
     for n, (uu, dd, count) in sums.items():
         if not count:
             raise DataError("K-FAC factors need at least one training sample")
-        factors.a_isqrt[n] = _inv_sqrt(uu / count, damping)
-        factors.s_isqrt[n] = _inv_sqrt(dd / count, damping)
+        factors.a_isqrt[n] = damped_inv_sqrt(uu / count, damping)
+        factors.s_isqrt[n] = damped_inv_sqrt(dd / count, damping)
     return factors
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gradosr.checkpoint import looks_pickled
 from gradosr.errors import ConfigError, DataError
 from gradosr.models.heads import find_head, set_head
 
@@ -33,16 +34,6 @@ CONVERT = ("which gradosr never loads (it can run code). Convert it once, in Pyt
            "read its state dict with torch's loader and weights_only=True, then "
            "safetensors.torch.save_file(state_dict, 'model.safetensors'), and pass --weights model.safetensors")
 
-
-def looks_pickled(path: Path) -> bool:
-    """Whether the file starts like a pickle (protocol 2+ opcode) or a torch.save zip
-    archive, whatever its name says (read: the first 2 bytes; nothing is unpickled)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-    except OSError:
-        return False
-    return head[:1] == b"\x80" or head == b"PK"
 
 
 def is_import_path(name: object) -> bool:
