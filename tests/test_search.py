@@ -111,8 +111,11 @@ def test_auto_backend_and_the_recorded_backend():
         KNN(bank_dtype="int8")
 
 
-@pytest.mark.skipif(HAVE_FAISS, reason="faiss-cpu is installed")
-def test_forcing_faiss_without_it_says_how_to_install_it():
+def test_without_faiss_auto_is_torch_and_forcing_faiss_says_how_to_install_it(monkeypatch):
+    import gradosr.detectors.search as search
+
+    monkeypatch.setattr(search, "faiss_module", lambda: None)  # as if faiss-cpu were not installed
+    assert resolve_backend("auto", "float32") == "torch"
     with pytest.raises(ConfigError, match=r"gradosr\[faiss\]"):
         resolve_backend("faiss", "float32")
 

@@ -125,7 +125,9 @@ class NNGuide(Scorer):
             raise DataError(f"feature dimension {h.shape[1]} does not match the fitted {self.bank_.shape[1]}")
         q = torch.from_numpy(h)
         idx = self.index_.search(q, self.k_, query_chunk=self.chunk_size)
-        sims = torch.einsum("nd,nkd->nk", q, self.bank_[idx].to(torch.float64))
+        # one neighbour rank at a time: N×D float64 at once, not the N×k×D neighbours
+        sims = torch.stack([(q * self.bank_[idx[:, j]].to(torch.float64)).sum(dim=1) for j in range(idx.shape[1])],
+                           dim=1) if idx.shape[1] else torch.zeros((len(q), 0), dtype=torch.float64)
         return np.sort(sims.numpy(), axis=1).mean(axis=1), energy
 
     def score_samples(self, inputs: ScorerInputs) -> np.ndarray:

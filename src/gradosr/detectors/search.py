@@ -12,7 +12,8 @@ tolerance, tested):
   queries. Memory is bounded by the block (about 2²⁴ entries by default, 64 MB in
   float32), never bank × queries.
 - ``faiss``: ``faiss.IndexFlatL2`` / ``IndexFlatIP`` (``pip install gradosr[faiss]``),
-  float32 banks only; the index holds the bank (no second copy).
+  float32 banks only; the index holds the bank (no second copy), its storage allocated
+  once at the bank's size and filled in place chunk by chunk.
 - ``auto`` (the default): ``faiss`` when it is importable and the bank is float32,
   else ``torch``. The backend in use is recorded in the scorer's ``params["backend"]``.
 
@@ -90,11 +91,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def select_smallest(key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest entries of every row of ``key`` (rows × n), as (values, column
-    indices), ascending, ties by lowest column index, exactly."""
+    indices), ascending, ties by lowest column index, exactly. A key of +inf marks an
+    absent entry: the order among +inf keys is unspecified."""
     kk = min(k, key.shape[1])
     vals, idx = torch.topk(key, min(kk + 1, key.shape[1]), dim=1, largest=False, sorted=True)
     # the k smallest are one set unless the (k+1)-th smallest key equals the k-th
-    tied = (vals[:, kk] == vals[:, kk - 1]).nonzero().flatten() if vals.shape[1] > kk else vals[:0, 0].long()
+    tied = ((vals[:, kk] == vals[:, kk - 1]) & (vals[:, kk - 1] < float("inf"))).nonzero().flatten() \
+        if vals.shape[1] > kk else vals[:0, 0].long()
     vals, idx = vals[:, :kk].contiguous(), idx[:, :kk].contiguous()
     kth = vals[:, -1:]
     if len(tied):  # rows where topk may have taken a later index among equal k-th keys
@@ -115,30 +118,45 @@ def sort_by_key_then_index(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch
     return vals, idx.gather(1, order)
 
 
+#: columns per group of :func:`below`'s prefilter (one row minimum per group)
+GROUP = 32
+
+
 def below(key: torch.Tensor, bound: torch.Tensor, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The k smallest entries of every row of ``key`` among those strictly below the
     row's ``bound`` (rows × 1: the k-th best key so far, of lower bank indices, so an
     entry equal to it can never enter), as :func:`select_smallest` gives them; rows with
     fewer are padded with +inf (index: the block's width). (None, None) when no entry of
-    the block is below its bound. Only the candidates are sorted: after the first blocks
-    few entries pass, which is what makes the search about as fast as its matrix product."""
-    mask = key < bound
-    total = int(torch.count_nonzero(mask))  # (a per-row count of a bool matrix is several times slower)
-    if total == 0:
+    the block is below its bound.
+
+    After the first blocks few entries pass, so the block is read once, as the minima of
+    its groups of :data:`GROUP` consecutive columns (one fast reduction), and only the
+    groups whose minimum is below the bound are gathered and selected from. That is
+    what makes the search about as fast as its matrix product."""
+    rows, n = key.shape
+    whole = n - n % GROUP
+    mins = [key[:, :whole].view(rows, whole // GROUP, GROUP).amin(dim=2)] if whole else []
+    if whole < n:
+        mins.append(key[:, whole:].amin(dim=1, keepdim=True))  # the last, narrower group
+    r, g = (torch.cat(mins, dim=1) < bound).nonzero(as_tuple=True)  # row-major: ascending groups within a row
+    if len(r) == 0:
         return None, None
-    if total * 8 >= mask.numel():  # many entries pass: a plain selection is as cheap
-        vals, idx = select_smallest(torch.where(mask, key, torch.full_like(key, float("inf"))), k)
-        return vals, torch.where(torch.isinf(vals), torch.full_like(idx, key.shape[1]), idx)
-    r, c = mask.nonzero(as_tuple=True)  # row-major: ascending columns within a row
-    counts = torch.bincount(r, minlength=key.shape[0])
-    width = int(counts.max())
-    start = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(len(r), device=key.device) - start[r]
-    cand = torch.full((key.shape[0], width), float("inf"), dtype=key.dtype, device=key.device)
-    cols = torch.full((key.shape[0], width), key.shape[1], dtype=torch.long, device=key.device)
-    cand[r, pos], cols[r, pos] = key[r, c], c
+    if len(r) * GROUP * 8 >= key.numel():  # many groups pass: a plain selection is as cheap
+        vals, idx = select_smallest(torch.where(key < bound, key, torch.full_like(key, float("inf"))), k)
+        return vals, torch.where(torch.isinf(vals), torch.full_like(idx, n), idx)
+    counts = torch.bincount(r, minlength=rows)
+    slot = torch.arange(len(r), device=key.device) - (torch.cumsum(counts, 0) - counts)[r]
+    cols = g[:, None] * GROUP + torch.arange(GROUP, device=key.device)  # groups × GROUP bank columns
+    vals = key[r[:, None], cols.clamp_max(n - 1)]
+    drop = (cols >= n) | (vals >= bound[r])
+    width = int(counts.max()) * GROUP
+    cand = torch.full((rows, width), float("inf"), dtype=key.dtype, device=key.device)
+    where = torch.full((rows, width), n, dtype=torch.long, device=key.device)
+    at = slot[:, None] * GROUP + torch.arange(GROUP, device=key.device)  # ascending columns within a row
+    cand[r[:, None], at] = vals.masked_fill(drop, float("inf"))
+    where[r[:, None], at] = cols.masked_fill(drop, n)
     vals, j = select_smallest(cand, k)
-    return vals, cols.gather(1, j)
+    return vals, where.gather(1, j)
 
 
 def merge(best: tuple[torch.Tensor, torch.Tensor] | None, new: tuple[torch.Tensor, torch.Tensor],
@@ -197,6 +215,11 @@ class Bank:
         if backend == "faiss":
             faiss = faiss_module()
             self.index = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+            # the index's storage at its final size, filled in place by put(): adding chunk by
+            # chunk would grow it by doubling (up to 3× the bank while a reallocation copies)
+            self.index.codes.resize(n * d * 4)
+            self._rows = torch.from_numpy(faiss.rev_swig_ptr(self.index.codes.data(), n * d * 4)
+                                          .view(np.float32).reshape(n, d)) if n * d else torch.empty((n, d))
             self.device = torch.device("cpu")
         else:
             self.index = None
@@ -213,17 +236,16 @@ class Bank:
 
     def put(self, chunk) -> None:
         """Append the rows ``chunk`` (n×D)."""
-        chunk = torch.as_tensor(chunk)
-        if self.index is not None:
-            self.index.add(np.ascontiguousarray(chunk.detach().cpu().to(torch.float32).numpy()))
-        else:
-            self._rows[self.filled:self.filled + len(chunk)] = chunk.to(self.device, self.dtype)
+        chunk = torch.as_tensor(chunk).detach()
+        self._rows[self.filled:self.filled + len(chunk)] = chunk.to(self.device, self.dtype)
         self.filled += len(chunk)
 
     def done(self) -> "Bank":
         """Finish filling: squared norms of the rows (torch backend, metric l2)."""
         if self.filled != self.n:
             raise ValueError(f"the bank has {self.filled} of its {self.n} rows")
+        if self.index is not None:
+            self.index.ntotal = self.n
         if self.index is None and self.metric == "l2":
             c = compute_dtype(self.dtype)
             self.sq_ = torch.cat([self._rows[s:s + (1 << 16)].to(c).square().sum(dim=1)
@@ -233,9 +255,6 @@ class Bank:
     @property
     def rows(self) -> torch.Tensor:
         """The stored rows N×D (a view of the FAISS index's storage with that backend)."""
-        if self.index is not None:
-            faiss = faiss_module()
-            return torch.from_numpy(faiss.rev_swig_ptr(self.index.get_xb(), self.n * self.d).reshape(self.n, self.d))
         return self._rows
 
     @property
