@@ -17,7 +17,8 @@ fitting and evaluating allocate. The decoding worker processes are not counted (
 holds one batch of images). Writes ``benchmarks/results/memory.{json,md}``: one record
 per run (method, images, mode, peak_rss_mb, the AUROC, seconds).
 
-    python benchmarks/memory.py --quick      # 1 epoch: under 10 minutes on 2 cores
+    python benchmarks/memory.py --quick      # 1 epoch of lenet: under 10 minutes on 2 cores
+    python benchmarks/memory.py              # 3 epochs of cnn32 (the default classifier of 32×32×3 data)
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def worker(job: dict) -> dict:
 
     data = ["--protocol", "custom", "--dataset", f"folder:{job['folder']}", "--known", "0-5", "--unknown", "6-9"]
     common = ["--no-progress", "--device", "cpu"] + (["--in-memory"] if job["mode"] == "memory" else [])
-    train = ["--epochs", str(job["epochs"]), "--seed", "0"]
+    train = ["--epochs", str(job["epochs"]), "--seed", "0", "--model", job["model"]]
     run = job["run"]
     first = (["fit", "--preset", "plus"] if job["method"] == "plus" else ["train"]) + data + train + common
     baseline = _status_mb("VmRSS")
@@ -89,10 +90,12 @@ def worker(job: dict) -> dict:
         raise SystemExit("the evaluation failed")
     peak = _status_mb("VmHWM") - baseline
     rec = json.load(open(evaluation))["results"][0]
+    state = Path(run) / "detector" / "detector.safetensors"  # the preset's fitted state: its banks
     return {"method": job["method"], "images": job["images"], "mode": job["mode"],
             "peak_rss_mb": round(peak, 1), "fit_peak_rss_mb": round(fit_peak, 1),
             "data_mb": round(job["images"] * 32 * 32 * 3 / 2**20, 1), "auroc": rec["auroc"],
-            "seconds": round(time.perf_counter() - t0, 1), "epochs": job["epochs"]}
+            "seconds": round(time.perf_counter() - t0, 1), "epochs": job["epochs"], "model": job["model"],
+            **({"state_mb": round(state.stat().st_size / 2**20, 2)} if state.is_file() else {})}
 
 
 def run_job(job: dict, timeout: float) -> dict:
@@ -115,9 +118,11 @@ def summary(records: list[dict]) -> list[str]:
             a, b = by.get((m, lo, mode)), by.get((m, hi, mode))
             if a and b:
                 growth = b["peak_rss_mb"] - a["peak_rss_mb"]
+                state = (f"; fitted state (banks, moments, factors) {a['state_mb']} -> {b['state_mb']} MB, "
+                         f"{b['state_mb'] - a['state_mb']:+.1f} MB" if "state_mb" in a and "state_mb" in b else "")
                 lines.append(f"{m} {mode}: {a['peak_rss_mb']} -> {b['peak_rss_mb']} MB "
                              f"({growth:+.1f} MB, x{b['peak_rss_mb'] / max(a['peak_rss_mb'], 1e-9):.3f}; "
-                             f"data {a['data_mb']} -> {b['data_mb']} MB)")
+                             f"data {a['data_mb']} -> {b['data_mb']} MB{state})")
         for n in SIZES:
             a, b = by.get((m, n, "streamed")), by.get((m, n, "memory"))
             if a and b:
@@ -139,13 +144,16 @@ def markdown(records: list[dict], notes: list[str], command: str) -> str:
         f"Command: `{command}`", "",
         "Peak RSS above the resident size after imports (VmHWM reset through /proc/self/clear_refs), one fresh "
         "process per row running train/fit then evaluate through the CLI; decoding workers not counted. "
-        "`data MB` is the uint8 size of all images.", "",
+        "`data MB` is the uint8 size of all images. Classifier: "
+        + ", ".join(sorted({f"{r['model']}, {r['epochs']} epoch(s)" for r in records if "model" in r})) + ".", "",
         *rows, "", *[f"- {n}" for n in notes], ""])
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 training epoch (under 10 minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 training epoch of lenet (under 10 minutes on 2 cores)")
+    ap.add_argument("--model", default=None, help="the classifier (default cnn32, --quick lenet)")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default 3, --quick 1)")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "gradosr-memory"),
                     help="where the folder datasets are written once")
@@ -158,6 +166,7 @@ def main(argv=None) -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     epochs = args.epochs or (1 if args.quick else 3)
+    model = args.model or ("lenet" if args.quick else "cnn32")
     cache = Path(args.cache)
     records = []
     for n in SIZES:
@@ -166,7 +175,7 @@ def main(argv=None) -> None:
             for mode in MODES:
                 with tempfile.TemporaryDirectory(prefix="gradosr-memory-run") as run:
                     job = {"method": method, "images": n, "mode": mode, "folder": str(folder), "epochs": epochs,
-                           "run": os.path.join(run, "run")}
+                           "model": model, "run": os.path.join(run, "run")}
                     rec = run_job(job, args.timeout)
                 records.append(rec)
                 print(json.dumps(rec), flush=True)

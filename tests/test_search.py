@@ -98,6 +98,34 @@ def test_knn_scores_on_every_backend_and_dtype_match_sklearn():
             np.testing.assert_allclose(knn.score_samples(test), expected, rtol=rtol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_knn_streamed_fit_keeps_only_its_bank(backend):
+    """A chunked fit keeps the chunks' normalised factor rows, not the chunks: the
+    chunks (with their other fields) are freed once added, and the scores are those of
+    sklearn's brute force on all rows; a chunk of another width is refused."""
+    import gc
+    import weakref
+
+    from gradosr.errors import DataError
+
+    bank, query = data(n=300, m=20, d=6, seed=4)
+    y = np.arange(300) % 3
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    expected = -NearestNeighbors(n_neighbors=10, algorithm="brute").fit(unit(bank)).kneighbors(unit(query))[0][:, -1]
+    knn, refs = KNN(10, backend=backend), []
+    for s in range(0, 300, 70):
+        chunk = ScorerInputs(logits=torch.zeros(len(bank[s:s + 70]), 3), features=torch.from_numpy(bank[s:s + 70]))
+        refs.append(weakref.ref(chunk))
+        knn.partial_fit(chunk, y[s:s + 70])
+        del chunk
+    gc.collect()
+    assert all(r() is None for r in refs)
+    np.testing.assert_allclose(knn.score_samples(ScorerInputs(features=torch.from_numpy(query))), expected, rtol=1e-6)
+    with pytest.raises(DataError, match="dimension"):
+        KNN(10).partial_fit(ScorerInputs(features=torch.from_numpy(bank[:50])), y[:50]).partial_fit(
+            ScorerInputs(features=torch.zeros(50, 4, dtype=torch.float64)), y[:50])
+
+
 def test_auto_backend_and_the_recorded_backend():
     assert resolve_backend("auto", "float32") == ("faiss" if HAVE_FAISS else "torch")
     assert resolve_backend("auto", "float16") == "torch"

@@ -190,7 +190,7 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, rest: dict) ->
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor | ModelInputs, y: torch.Tensor, batch_size: int = 512) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor | ModelInputs, y: torch.Tensor, batch_size: int = 256) -> float:
     """Eval-mode closed-set accuracy of ``model`` on inputs N×C×H×W (a tensor, or
     :class:`gradosr.streams.ModelInputs` read chunk by chunk) and labels N."""
     if len(y) == 0:

@@ -19,9 +19,13 @@ import numpy as np
 
 from gradosr.errors import DataError
 
-#: rows per chunk when a stage streams a source (a multiple of every batch size used:
-#: 128, 256, 512), so that the batches inside a chunk are those of a one-shot pass
-CHUNK_ROWS = 1024
+#: rows per chunk when a stage streams a source; a pass in batches of B reads chunks of
+#: the smallest multiple of B holding this many rows (:func:`gradosr.streams.chunk_rows`),
+#: so that its batches are those of a one-shot pass. Small, because a chunk's buffers
+#: (the decoded images, their model inputs, the workers' prefetched chunks) are most of
+#: a streamed pass's memory: 1024 rows of 32×32×3 images cost about 50 MB more than 128
+#: (benchmarks/memory.py)
+CHUNK_ROWS = 128
 
 
 class ImageSource:

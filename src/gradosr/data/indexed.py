@@ -29,6 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 from gradosr.data.imageset import ImageSource
 from gradosr.errors import DataError
 
+#: a pass over fewer rows is decoded in the calling process: starting worker processes
+#: costs more than decoding a few hundred small images (and a pass is many chunks)
+WORKER_MIN_ROWS = 1024
+
 
 def default_workers() -> int:
     """Decoding worker processes by default: one per core but one, at most 4 (1 on 2 cores)."""
@@ -140,9 +144,10 @@ class FolderImages(ImageSource):
         return np.stack([decode(os.fsdecode(self.paths[i]), self.chains[int(self.chain[i])]) for i in index])
 
     def batches(self, index_batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """Each index batch decoded by ``num_workers`` processes (prefetched, in order)."""
+        """Each index batch decoded by ``num_workers`` processes (prefetched, in order);
+        in this process for a pass of fewer than :data:`WORKER_MIN_ROWS` rows."""
         batches = [np.asarray(b, dtype=np.int64) for b in index_batches]
-        if self.num_workers == 0 or len(batches) < 2:
+        if self.num_workers == 0 or len(batches) < 2 or sum(len(b) for b in batches) < WORKER_MIN_ROWS:
             for b in batches:
                 yield self.take(b)
             return

@@ -46,7 +46,7 @@ from gradosr.detectors.base import (Scorer, check_chunk_size, check_labels, clas
                                     float_rows, matrix_field)
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.registry import register
-from gradosr.detectors.search import Bank, blocked_topk, check_backend, check_bank_dtype, compute_dtype, resolve_backend
+from gradosr.detectors.search import BANK_DTYPES, Bank, blocked_topk, check_backend, check_bank_dtype, compute_dtype, resolve_backend
 from gradosr.errors import CheckpointError, ConfigError, DataError
 
 _NORM_EPS = 1e-12
@@ -112,18 +112,60 @@ class KNN(Scorer):
             raise DataError(f"{what}: the factors {list(self.factors)} have different numbers of rows")
         return parts
 
-    def _fit(self, outputs: ScorerInputs, labels: np.ndarray) -> None:
-        """Stores the (normalised) training factors; k = min(k_max, smallest class size)."""
-        sizes = [len(matrix_field(outputs, name, "kNN (fit)")) for name in self.factors]
+    # ------------------------------------------------------------------ fit (streamed)
+    # A chunk's factor rows are normalised (in float64) and kept in the bank's dtype; the
+    # bank is assembled when the fit ends, each piece freed as it is copied in. What the
+    # fit holds is the bank (by definition) and one piece, never the chunks' other fields.
+    def _start_fit(self) -> None:
+        self._pieces: list[list[torch.Tensor]] = []
+        self._labels: list[np.ndarray] = []
+        self._n_classes = 0
+
+    def _pending(self) -> bool:
+        return bool(getattr(self, "_pieces", None)) and not getattr(self, "fitted_", False)
+
+    def _accumulate(self, chunk: ScorerInputs, labels) -> None:
+        if getattr(self, "_pieces", None) is None:
+            self._start_fit()
+        sizes = [len(matrix_field(chunk, name, "kNN (fit)")) for name in self.factors]
         if any(n != sizes[0] for n in sizes):
             raise DataError(f"fit: the factors {list(self.factors)} have different numbers of rows")
-        y, n_classes = check_labels(labels, sizes[0], outputs)
-        counts = class_counts(y, n_classes, "kNN")
+        if labels is None:
+            raise DataError("kNN: fit needs the training labels")
+        if sizes[0] == 0 and len(np.asarray(labels)) == 0:
+            return  # an empty chunk (e.g. a distributed run's empty shard)
+        y, n_classes = check_labels(labels, sizes[0], chunk)
+        dtype = BANK_DTYPES[self.bank_dtype]
+        widths = [matrix_field(chunk, name, "kNN (fit)").shape[1] for name in self.factors]
+        if self._pieces and widths != [p[0].shape[1] for p in self._pieces[0]]:
+            raise DataError(f"kNN (fit): feature dimension {widths} differs from the earlier chunks' "
+                            f"{[p[0].shape[1] for p in self._pieces[0]]}")
+        # per factor, the chunk's rows in pieces of ROW_CHUNK (no float64 copy of a whole field)
+        self._pieces.append([[_normalised(torch.from_numpy(f), self.normalize).to(dtype)
+                              for _, f in float_row_chunks(chunk, name, "kNN (fit)")] for name in self.factors])
+        self._labels.append(y)
+        self._n_classes = max(self._n_classes, n_classes)
+
+    def _finalize(self) -> None:
+        """k = min(k_max, smallest class size); the banks of the normalised training factors."""
+        pieces = getattr(self, "_pieces", None) or []
+        if not pieces:
+            raise DataError("kNN: fit needs at least one training sample")
+        y = np.concatenate(self._labels)
+        counts = class_counts(y, max(self._n_classes, int(y.max()) + 1), "kNN")
         self.k_ = int(min(self.k_max, counts.min()))
         backend = self._resolved_backend()
-        self.banks_ = [fill_bank(outputs, name, "kNN (fit)", self.bank_dtype, "l2", backend, self.device,
-                                 lambda _, f: _normalised(f, self.normalize)) for name in self.factors]
+        self.banks_ = [Bank(len(y), pieces[0][i][0].shape[1], self.bank_dtype, "l2", backend, self.device)
+                       for i in range(len(self.factors))]
+        while pieces:
+            for bank, parts in zip(self.banks_, pieces.pop(0)):
+                while parts:
+                    bank.put(parts.pop(0))
+        self.banks_ = [b.done() for b in self.banks_]
+        self._start_fit()
         self._restored()
+        self._chunks = []
+        self.fitted_ = True
 
     def _resolved_backend(self) -> str:
         return resolve_backend(self.backend, self.bank_dtype, faiss_supported=len(self.factors) == 1)

@@ -173,7 +173,8 @@ def blocked_topk(n_query: int, n_bank: int, k: int, block_key: Callable[[slice, 
                  query_chunk: int | None = None, bank_chunk: int | None = None,
                  block_entries: int = BLOCK_ENTRIES) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest keys of every query over the whole bank: ``block_key(queries,
-    bank_rows)`` gives the keys of one block (slices); blocks of ``query_chunk`` ×
+    bank_rows)`` gives the keys of one block (slices; it may reuse the previous block's
+    memory, which is not read again); blocks of ``query_chunk`` ×
     ``bank_chunk`` (default: about ``block_entries`` entries). Returns (values, bank
     indices), n_query × min(k, n_bank), ascending, ties by lowest index, on the device
     of the keys. The result does not depend on the chunk sizes."""
@@ -197,6 +198,21 @@ def blocked_topk(n_query: int, n_bank: int, k: int, block_key: Callable[[slice, 
         vals_out.append(best[0])
         idx_out.append(best[1])
     return torch.cat(vals_out), torch.cat(idx_out)
+
+
+class BlockBuffer:
+    """One reusable block of keys: :func:`blocked_topk` keeps nothing of a block's keys
+    once the next is asked for, so every block is written into the same memory instead
+    of a fresh allocation (which glibc maps anew, and the kernel zeroes, page by page)."""
+
+    def __init__(self, dtype: torch.dtype, device) -> None:
+        self.dtype, self.device, self.flat = dtype, device, None
+
+    def get(self, rows: int, cols: int) -> torch.Tensor:
+        """A contiguous rows × cols tensor (its values undefined)."""
+        if self.flat is None or self.flat.numel() < rows * cols:
+            self.flat = torch.empty(rows * cols, dtype=self.dtype, device=self.device)
+        return self.flat[:rows * cols].view(rows, cols)
 
 
 class Bank:
@@ -272,11 +288,13 @@ class Bank:
             return sort_by_key_then_index(key, torch.from_numpy(idx))[1]
         c = compute_dtype(self.dtype)
         q = torch.as_tensor(query).to(self.device, c)
+        buffer = BlockBuffer(c, self.device)
 
         def block_key(rows: slice, cols: slice) -> torch.Tensor:
             b = self._rows[cols].to(c)
+            out = buffer.get(rows.stop - rows.start, cols.stop - cols.start)
             if self.metric == "l2":
-                return torch.addmm(self.sq_[cols], q[rows], b.T, beta=1.0, alpha=-2.0)
-            return -(q[rows] @ b.T)
+                return torch.addmm(self.sq_[cols], q[rows], b.T, beta=1.0, alpha=-2.0, out=out)
+            return torch.mm(q[rows], b.T, out=out).neg_()
 
         return blocked_topk(len(q), self.n, k, block_key, query_chunk, bank_chunk)[1].cpu()
