@@ -476,12 +476,12 @@ def test_cli_fit_evaluate_cifar10(tmp_path, capsys):
 
     data_dir, run = tmp_path / "data", tmp_path / "run"
     write_cifar10(data_dir / "cifar-10-batches-py", n_train=8, n_test=4, seed=7)
-    code = main(["fit", "--protocol", "cifar10", "--split", "0", "--data-dir", str(data_dir), "--model", "cnn32",
+    code = main(["fit", "--protocol", "cifar10", "--split", "0", "--data-dir", str(data_dir), "--model", "lenet",
                  "--epochs", "1", "--out", str(run), "--no-progress", "--device", "cpu"])
     out, err = capsys.readouterr()
     assert code == 0, err
     osr_meta = json.loads((run / "osr.json").read_text())
-    assert osr_meta["train"]["model"] == "cnn32" and osr_meta["train"]["epochs"] == 1
+    assert osr_meta["train"]["model"] == "lenet" and osr_meta["train"]["epochs"] == 1
     code = main(["evaluate", "--run", str(run), "--data-dir", str(data_dir), "--no-progress", "--device", "cpu"])
     out, err = capsys.readouterr()
     assert code == 0, err
