@@ -105,6 +105,24 @@ def _positions(m: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     return a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
 
 
+#: rows (samples × positions) per float64 slice of :func:`_gram`
+GRAM_ROWS = 8192
+#: samples per slice of the per-sample K-FAC features (their values do not depend on it)
+REDUCE_SAMPLES = 32
+
+
+def _gram(x: Tensor) -> Tensor:
+    """Σ over samples and positions of x xᵀ for x (B, T, F): F×F float64, summed over
+    float64 slices of about :data:`GRAM_ROWS` rows (a whole batch's unfolded patches in
+    float64 were most of the ``plus`` preset's peak memory)."""
+    per = max(1, GRAM_ROWS // max(1, x.shape[1]))
+    out = None
+    for start in range(0, x.shape[0], per):
+        rows = x[start:start + per].reshape(-1, x.shape[-1]).to(torch.float64)
+        out = rows.T @ rows if out is None else out + rows.T @ rows
+    return out if out is not None else x.new_zeros(x.shape[-1], x.shape[-1], dtype=torch.float64)
+
+
 @dataclass
 class KFACFactors:
     """The damped inverse square roots of every layer's factors:
@@ -173,12 +191,10 @@ def _fit_factors(model, chunks, target, n_ones, output, damping, batch_size) -> 
 
     def accumulate(name, m, a, g):
         u, d = _positions(m, a, g)
-        u2 = u.reshape(-1, u.shape[-1]).to(torch.float64)
-        d2 = d.reshape(-1, d.shape[-1]).to(torch.float64)
         s = sums[name]
-        s[0] = s[0] + u2.T @ u2
-        s[1] = s[1] + d2.T @ d2
-        s[2] += u2.shape[0]
+        s[0] = s[0] + _gram(u)
+        s[1] = s[1] + _gram(d)
+        s[2] += u.shape[0] * u.shape[1]
         return a.new_zeros(a.shape[0], 0)
 
     layers = [capture.Layer(n, m, ("weight",), lambda a, g, n=n, m=m: accumulate(n, m, a, g),
@@ -218,11 +234,17 @@ def _features(model, x, factors, target, n_ones, output, batch_size) -> dict[str
         m, rule = found[name]
         dev = dict(device=a.device, dtype=a.dtype)
         s_is, a_is = factors.s_isqrt[name].to(**dev), factors.a_isqrt[name].to(**dev)
-        whitened = rule.reduction(rules.PROJECTION, m)(m, a, g, s_is, a_is)  # (B, O, I)
-        u, d = _positions(m, a, g)
-        act = ((u @ a_is) ** 2).sum(-1).mean(1)
-        grad = ((d @ s_is) ** 2).sum(-1).mean(1)
-        return torch.stack([(whitened ** 2).sum((1, 2)), act, grad], 1)
+        out = []
+        # per sample, so in slices of REDUCE_SAMPLES: a batch's (B, O, I) whitened gradients
+        # and (B, T, I) whitened patches at once were most of the plus preset's peak memory
+        for s in range(0, a.shape[0], REDUCE_SAMPLES):
+            a_s, g_s = a[s:s + REDUCE_SAMPLES], g[s:s + REDUCE_SAMPLES]
+            whitened = rule.reduction(rules.PROJECTION, m)(m, a_s, g_s, s_is, a_is)  # (b, O, I)
+            u, d = _positions(m, a_s, g_s)
+            act = ((u @ a_is) ** 2).sum(-1).mean(1)
+            grad = ((d @ s_is) ** 2).sum(-1).mean(1)
+            out.append(torch.stack([(whitened ** 2).sum((1, 2)), act, grad], 1))
+        return torch.cat(out)
 
     layers = [capture.Layer(n, found[n][0], ("weight",), lambda a, g, n=n: reduce(n, a, g),
                             lambda a, n=n: found[n][1].check_input(found[n][0], a)) for n in factors.names]
