@@ -90,7 +90,7 @@ def worker(job: dict) -> dict:
         raise SystemExit("the evaluation failed")
     peak = _status_mb("VmHWM") - baseline
     rec = json.load(open(evaluation))["results"][0]
-    state = Path(run) / "detector" / "detector.safetensors"  # the preset's fitted state: its banks
+    state = Path(run) / "detector" / "detector.safetensors"  # the preset's fitted state: banks, moments, K-FAC factors
     return {"method": job["method"], "images": job["images"], "mode": job["mode"],
             "peak_rss_mb": round(peak, 1), "fit_peak_rss_mb": round(fit_peak, 1),
             "data_mb": round(job["images"] * 32 * 32 * 3 / 2**20, 1), "auroc": rec["auroc"],

@@ -122,21 +122,21 @@ class KNN(Scorer):
         self._n_classes = 0
 
     def _pending(self) -> bool:
-        return bool(getattr(self, "_pieces", None)) and not getattr(self, "fitted_", False)
+        return bool(getattr(self, "_pieces", None))  # emptied when the fit ends
 
     def _accumulate(self, chunk: ScorerInputs, labels) -> None:
         if getattr(self, "_pieces", None) is None:
             self._start_fit()
-        sizes = [len(matrix_field(chunk, name, "kNN (fit)")) for name in self.factors]
-        if any(n != sizes[0] for n in sizes):
+        fields = [matrix_field(chunk, name, "kNN (fit)") for name in self.factors]
+        if any(len(f) != len(fields[0]) for f in fields):
             raise DataError(f"fit: the factors {list(self.factors)} have different numbers of rows")
         if labels is None:
             raise DataError("kNN: fit needs the training labels")
-        if sizes[0] == 0 and len(np.asarray(labels)) == 0:
+        if len(fields[0]) == 0 and len(np.asarray(labels)) == 0:
             return  # an empty chunk (e.g. a distributed run's empty shard)
-        y, n_classes = check_labels(labels, sizes[0], chunk)
+        y, n_classes = check_labels(labels, len(fields[0]), chunk)
         dtype = BANK_DTYPES[self.bank_dtype]
-        widths = [matrix_field(chunk, name, "kNN (fit)").shape[1] for name in self.factors]
+        widths = [f.shape[1] for f in fields]
         if self._pieces and widths != [p[0].shape[1] for p in self._pieces[0]]:
             raise DataError(f"kNN (fit): feature dimension {widths} differs from the earlier chunks' "
                             f"{[p[0].shape[1] for p in self._pieces[0]]}")
@@ -152,7 +152,7 @@ class KNN(Scorer):
         if not pieces:
             raise DataError("kNN: fit needs at least one training sample")
         y = np.concatenate(self._labels)
-        counts = class_counts(y, max(self._n_classes, int(y.max()) + 1), "kNN")
+        counts = class_counts(y, self._n_classes, "kNN")  # K: the widest chunk's (check_labels)
         self.k_ = int(min(self.k_max, counts.min()))
         backend = self._resolved_backend()
         self.banks_ = [Bank(len(y), pieces[0][i][0].shape[1], self.bank_dtype, "l2", backend, self.device)
