@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.special import logsumexp
 
 from gradosr.detectors.base import Scorer, check_chunk_size, check_labels, class_counts, float_rows, matrix_field
 from gradosr.detectors.inputs import ScorerInputs
@@ -93,6 +92,8 @@ class NNGuide(Scorer):
         z = float_rows(inputs, "logits", "NNGuide")
         if len(z) != n:
             raise DataError(f"NNGuide: {len(z)} logit rows but {n} feature rows")
+        from scipy.special import logsumexp  # imported on use: scipy.special costs every command 0.3 s
+
         return logsumexp(z, axis=1)
 
     def _fit(self, inputs: ScorerInputs, labels: np.ndarray) -> None:

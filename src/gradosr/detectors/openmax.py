@@ -52,7 +52,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.optimize import brentq
 
 from gradosr.detectors.base import Scorer, check_chunk_size, check_labels, float_rows
 from gradosr.detectors.inputs import ScorerInputs
@@ -100,6 +99,8 @@ def fit_weibull(tail: np.ndarray) -> tuple[float, float]:
         lo /= 2.0
     while profile(hi) < 0:
         hi *= 2.0
+    from scipy.optimize import brentq  # here: importing scipy.optimize costs every command 0.7 s
+
     c = brentq(profile, lo, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500)
     scale = top * math.exp(math.log(np.exp(c * logy).mean()) / c)
     return float(c), float(scale)

@@ -52,7 +52,6 @@ take ``dim`` as a required argument (OpenOOD's benchmark configs: 256 for ResNet
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import logsumexp
 
 from gradosr.detectors.base import Scorer, float_row_blocks, float_rows, head_rows, matrix_field
 from gradosr.detectors.inputs import ScorerInputs
@@ -151,4 +150,6 @@ class ViM(Scorer):
         """logsumexp(z) − α‖x^{P⊥}‖₂ -> N (float64), higher = more likely known."""
         r = self.residual_norms(inputs)
         z = float_rows(inputs, "logits", "ViM")
+        from scipy.special import logsumexp  # imported on use: scipy.special costs every command 0.3 s
+
         return logsumexp(z, axis=1) - self.alpha_ * r
