@@ -17,7 +17,7 @@ fitting and evaluating allocate. The decoding worker processes are not counted (
 holds one batch of images). Writes ``benchmarks/results/memory.{json,md}``: one record
 per run (method, images, mode, peak_rss_mb, the AUROC, seconds).
 
-    python benchmarks/memory.py --quick      # 1 epoch of lenet: under 10 minutes on 2 cores
+    python benchmarks/memory.py --quick      # 1 epoch of lenet, 2 runs at a time: under 10 minutes on 2 cores
     python benchmarks/memory.py              # 3 epochs of cnn32 (the default classifier of 32×32×3 data)
 """
 
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,11 +96,20 @@ def worker(job: dict) -> dict:
             "peak_rss_mb": round(peak, 1), "fit_peak_rss_mb": round(fit_peak, 1),
             "data_mb": round(job["images"] * 32 * 32 * 3 / 2**20, 1), "auroc": rec["auroc"],
             "seconds": round(time.perf_counter() - t0, 1), "epochs": job["epochs"], "model": job["model"],
+            "threads": torch_threads(),
             **({"state_mb": round(state.stat().st_size / 2**20, 2)} if state.is_file() else {})}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def run_job(job: dict, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if job.get("threads"):
+        env.update(OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]))
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], env=env, capture_output=True,
                           text=True, timeout=timeout)
     if done.returncode != 0:
@@ -130,7 +140,7 @@ def summary(records: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(records: list[dict], notes: list[str], command: str) -> str:
+def markdown(records: list[dict], notes: list[str], command: str, jobs: int) -> str:
     head = "| method | images | mode | peak RSS MB | fit peak MB | data MB | AUROC | seconds |"
     rows = [head, "|" + "---|" * 8]
     for r in records:
@@ -145,7 +155,9 @@ def markdown(records: list[dict], notes: list[str], command: str) -> str:
         "Peak RSS above the resident size after imports (VmHWM reset through /proc/self/clear_refs), one fresh "
         "process per row running train/fit then evaluate through the CLI; decoding workers not counted. "
         "`data MB` is the uint8 size of all images. Classifier: "
-        + ", ".join(sorted({f"{r['model']}, {r['epochs']} epoch(s)" for r in records if "model" in r})) + ".", "",
+        + ", ".join(sorted({f"{r['model']}, {r['epochs']} epoch(s)" for r in records if "model" in r})) + "; "
+        + ", ".join(sorted({f"{r['threads']} torch thread(s)" for r in records if "threads" in r}))
+        + f" per run, {jobs} run(s) at a time.", "",
         *rows, "", *[f"- {n}" for n in notes], ""])
 
 
@@ -160,6 +172,9 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="runs at a time, each with cores/jobs torch threads (default 1, --quick 2: the "
+                         "peak RSS of a process does not depend on what runs beside it)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -167,25 +182,31 @@ def main(argv=None) -> None:
         return
     epochs = args.epochs or (1 if args.quick else 3)
     model = args.model or ("lenet" if args.quick else "cnn32")
+    jobs = max(1, args.jobs or (2 if args.quick else 1))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     cache = Path(args.cache)
-    records = []
-    for n in SIZES:
-        folder = write_folder(cache / f"images{n}", n)
-        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-            for mode in MODES:
-                with tempfile.TemporaryDirectory(prefix="gradosr-memory-run") as run:
-                    job = {"method": method, "images": n, "mode": mode, "folder": str(folder), "epochs": epochs,
-                           "model": model, "run": os.path.join(run, "run")}
-                    rec = run_job(job, args.timeout)
-                records.append(rec)
-                print(json.dumps(rec), flush=True)
+    todo = [{"method": method, "images": n, "mode": mode, "folder": str(write_folder(cache / f"images{n}", n)),
+             "epochs": epochs, "model": model, "threads": threads}
+            for n in SIZES for method in [m.strip() for m in args.methods.split(",") if m.strip()] for mode in MODES]
+
+    def one(job: dict) -> dict:
+        with tempfile.TemporaryDirectory(prefix="gradosr-memory-run") as run:
+            rec = run_job({**job, "run": os.path.join(run, "run")}, args.timeout)
+        print(json.dumps(rec), flush=True)
+        return rec
+
+    # the longest runs first (plus, the larger set), so that parallel runs end together
+    order = sorted(range(len(todo)), key=lambda i: (todo[i]["method"] != "plus", -todo[i]["images"]))
+    with ThreadPoolExecutor(jobs) as pool:
+        done = dict(zip(order, pool.map(one, [todo[i] for i in order])))
+    records = [done[i] for i in range(len(todo))]
     notes = summary(records)
     command = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory.json").write_text(json.dumps({"command": command, "records": records, "summary": notes},
                                                 indent=1) + "\n")
-    text = markdown(records, notes, command)
+    text = markdown(records, notes, command, jobs)
     (out / "memory.md").write_text(text)
     print(text)
 

@@ -18,9 +18,11 @@ sample's gradient, "how much the model would have to change" in the Fisher metri
 
     w_l = ‖(S_l+γI)^-½ ∇W_l J (A_l+γI)^-½‖²_F,
 
-computed by the layer rules' projection reduction (:data:`gradosr.gradients.rules.PROJECTION`,
-``L^T (dJ/dW) R`` for any factor matrices) with ``L = (S_l+γI)^-½`` and
-``R = (A_l+γI)^-½``, from one batched forward and backward
+computed per sample as ``(δ L)ᵀ (u R)`` (O×I, the positions summed) from the whitened
+output gradients ``δ L`` (T×O) and whitened inputs ``u R`` (T×I), with
+``L = (S_l+γI)^-½`` and ``R = (A_l+γI)^-½``, the same ``L (dJ/dW) R`` as the layer rules'
+projection reduction (:data:`gradosr.gradients.rules.PROJECTION`); both whitened
+products also give the two controls below. One batched forward and backward
 (:func:`gradosr.gradients.capture.run`): no per-sample gradient of the model is formed.
 For a 2-D Linear input it factorises as ``‖S^-½δ‖² · ‖A^-½u‖²``; the second factor is
 an activation (Mahalanobis-type) norm that carries no gradient information, so the two
@@ -112,15 +114,17 @@ REDUCE_SAMPLES = 32
 
 
 def _gram(x: Tensor) -> Tensor:
-    """Σ over samples and positions of x xᵀ for x (B, T, F): F×F float64, summed over
-    float64 slices of about :data:`GRAM_ROWS` rows (a whole batch's unfolded patches in
-    float64 were most of the ``plus`` preset's peak memory)."""
+    """Σ over samples and positions of x xᵀ for x (B, T, F): F×F float64. The product of
+    each slice of about :data:`GRAM_ROWS` rows is taken in x's dtype and the slices are
+    summed in float64: a whole batch's unfolded patches copied to float64 were most of the
+    ``plus`` preset's peak memory, and a float64 product of float32 data is 2.5× slower
+    for no more information than float32 products over 8,192 rows keep (relative 1e-7)."""
     per = max(1, GRAM_ROWS // max(1, x.shape[1]))
-    out = None
+    out = x.new_zeros(x.shape[-1], x.shape[-1], dtype=torch.float64)
     for start in range(0, x.shape[0], per):
-        rows = x[start:start + per].reshape(-1, x.shape[-1]).to(torch.float64)
-        out = rows.T @ rows if out is None else out + rows.T @ rows
-    return out if out is not None else x.new_zeros(x.shape[-1], x.shape[-1], dtype=torch.float64)
+        rows = x[start:start + per].reshape(-1, x.shape[-1])
+        out += (rows.T @ rows).to(torch.float64)
+    return out
 
 
 @dataclass
@@ -231,19 +235,18 @@ def _features(model, x, factors, target, n_ones, output, batch_size) -> dict[str
         raise ConfigError(f"the K-FAC factors name layers the model does not have: {missing}")
 
     def reduce(name, a, g):
-        m, rule = found[name]
+        m = found[name][0]
         dev = dict(device=a.device, dtype=a.dtype)
         s_is, a_is = factors.s_isqrt[name].to(**dev), factors.a_isqrt[name].to(**dev)
         out = []
         # per sample, so in slices of REDUCE_SAMPLES: a batch's (B, O, I) whitened gradients
         # and (B, T, I) whitened patches at once were most of the plus preset's peak memory
         for s in range(0, a.shape[0], REDUCE_SAMPLES):
-            a_s, g_s = a[s:s + REDUCE_SAMPLES], g[s:s + REDUCE_SAMPLES]
-            whitened = rule.reduction(rules.PROJECTION, m)(m, a_s, g_s, s_is, a_is)  # (b, O, I)
-            u, d = _positions(m, a_s, g_s)
-            act = ((u @ a_is) ** 2).sum(-1).mean(1)
-            grad = ((d @ s_is) ** 2).sum(-1).mean(1)
-            out.append(torch.stack([(whitened ** 2).sum((1, 2)), act, grad], 1))
+            u, d = _positions(m, a[s:s + REDUCE_SAMPLES], g[s:s + REDUCE_SAMPLES])
+            u, d = u @ a_is, d @ s_is  # (b, T, I) whitened inputs, (b, T, O) whitened output gradients
+            whitened = d.transpose(1, 2) @ u  # (b, O, I): L (dJ/dW) R, L and R symmetric
+            out.append(torch.stack([whitened.square().sum((1, 2)), u.square().sum(-1).mean(1),
+                                    d.square().sum(-1).mean(1)], 1))
         return torch.cat(out)
 
     layers = [capture.Layer(n, found[n][0], ("weight",), lambda a, g, n=n: reduce(n, a, g),
