@@ -58,7 +58,10 @@ def section() -> str:
         if not path.is_file():
             continue
         doc = json.loads(path.read_text())
-        parts += [f"### {title.format(n=len(doc.get('splits', [])))}", "", f"`{doc['command'].replace(str(ROOT) + '/', '')}` (last run {doc.get('seconds', 0):.0f} s on 2 CPU cores; "
+        commands = [c.replace(str(ROOT) + "/", "") for c in doc.get("commands") or [doc["command"]]]
+        ran = (f"`{commands[0]}`" if len(commands) == 1 else
+               "merged (`benchmarks/merge_results.py`) from " + " and ".join(f"`{c}`" for c in commands))
+        parts += [f"### {title.format(n=len(doc.get('splits', [])))}", "", f"{ran} ({'last run' if len(commands) == 1 else 'its runs took'} {doc.get('seconds', 0):.0f} s on 2 CPU cores; "
                   "a rerun reuses the stored classifiers and cached scores)", "",
                   "Top five by mean AUROC: " + top_five(doc["summary"]) + ".", "",
                   markdown_table(doc["summary"]), ""]

@@ -106,6 +106,44 @@ def test_every_record_carries_its_cost(bench):
     assert float(rows[0]["score_ms_per_1k"]) == pytest.approx(doc["results"][0]["score_ms_per_1k"])
 
 
+def test_documents_of_single_splits_merge_into_the_two_split_document(bench, tmp_path):
+    """Split 1's run and split 0's run, merged (in either order), give the records, the
+    mean ± std summary and the cost of the one run over both splits."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gradosr.evaluation.benchmark import merge_documents
+
+    out, doc = bench
+    part = {s: {**doc, "command": f"run {s}", "results": [r for r in doc["results"] if r["split"] == s],
+                "splits": [x for x in doc["splits"] if x["split"] == s], "summary": {}, "cost": {}} for s in (0, 1)}
+    merged = merge_documents([part[1], part[0]])
+    assert merged["results"] == doc["results"]
+    assert merged["summary"] == doc["summary"] and merged["cost"] == doc["cost"]
+    assert merged["splits"] == doc["splits"] and merged["commands"] == ["run 1", "run 0"]
+    with pytest.raises(GradOSRError, match="more than one"):
+        merge_documents([part[0], doc])
+    with pytest.raises(GradOSRError, match="different methods"):
+        merge_documents([part[0], {**part[1], "results": part[1]["results"][:1]}])
+    # the script writes the report folder, and refuses a file that is not a document in one line
+    paths = []
+    for s in (0, 1):
+        paths.append(tmp_path / f"r{s}.json")
+        paths[-1].write_text(json.dumps(part[s]))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_results.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "m"), *map(str, paths)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "m" / "results.json").read_text())["summary"] == doc["summary"]
+    assert "- `run 0`" in (tmp_path / "m" / "results.md").read_text()
+    (tmp_path / "bad.json").write_text("{")
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "n"), str(paths[0]), str(tmp_path / "bad.json")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "bad.json" in bad.stderr
+    assert not (tmp_path / "n").exists()
+
+
 def test_interrupted_benchmark_resumes(tmp_path, monkeypatch):
     import gradosr.evaluation.driver as runner
 

@@ -220,6 +220,46 @@ def _document(settings: BenchmarkSettings, st: dict, seconds: float) -> dict:
     })
 
 
+def merge_documents(docs: list[dict]) -> dict:
+    """One results document of several benchmark documents of the same protocol and
+    methods on disjoint splits (e.g. seeds run in separate sessions or on separate
+    machines): the records in split order, the summary and cost recomputed over all of
+    them, ``commands`` every document's command (``command`` the first's), ``seconds``
+    their sum. The records themselves are not changed."""
+    if not docs:
+        raise ConfigError("merge: no results documents")
+    first = docs[0]
+    for key in ("protocol", "protocol_args"):
+        if any(d.get(key) != first.get(key) for d in docs[1:]):
+            raise ConfigError(f"merge: the documents differ in {key}")
+    methods = list(dict.fromkeys(r["method"] for r in first["results"]))
+    for d in docs[1:]:
+        if set(r["method"] for r in d["results"]) != set(methods):
+            raise ConfigError("merge: the documents have different methods")
+    splits = [s for d in docs for s in d.get("splits", [])]
+    ids = [s["split"] for s in splits]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"merge: a split appears in more than one document ({sorted(ids)})")
+    order = {m: i for i, m in enumerate(methods)}
+    records = sorted((r for d in docs for r in d["results"]), key=lambda r: (r["split"], order[r["method"]]))
+    skipped: dict = {}
+    for d in docs:
+        for method, reasons in d.get("skipped", {}).items():
+            skipped.setdefault(method, {}).update(reasons)
+    commands = [c for d in docs for c in (d.get("commands") or [d["command"]])]
+    doc = results_document(commands[0], records, {
+        "commands": commands,
+        "cost": cost_summary(records),
+        "protocol": first.get("protocol"),
+        "protocol_args": first.get("protocol_args"),
+        "splits": sorted(splits, key=lambda s: s["split"]),
+        "method_params": docs[-1].get("method_params", {}),
+        "skipped": skipped,
+        "seconds": round(sum(d.get("seconds", 0) for d in docs), 2),
+    })
+    return doc
+
+
 def write_markdown(path: Path, doc: dict) -> None:
     """``results.md``: the command, the table and how each number was obtained."""
     splits = [s["split"] for s in doc.get("splits", [])]
@@ -227,7 +267,8 @@ def write_markdown(path: Path, doc: dict) -> None:
     lines = [
         f"# Benchmark: {doc.get('protocol')}",
         "",
-        f"Command: `{doc['command']}`",
+        *([f"Command: `{doc['command']}`"] if len(doc.get("commands") or [1]) == 1
+          else ["Merged from:", "", *[f"- `{c}`" for c in doc["commands"]]]),
         "",
         f"Mean ± std (population, ddof 0) over splits {splits}; higher = better except FPR@95TPR. "
         "Scores: higher = more likely known. `macro-F1` is at each method's own threshold rule "
