@@ -122,6 +122,9 @@ def test_documents_of_single_splits_merge_into_the_two_split_document(bench, tmp
     assert merged["results"] == doc["results"]
     assert merged["summary"] == doc["summary"] and merged["cost"] == doc["cost"]
     assert merged["splits"] == doc["splits"] and merged["commands"] == ["run 1", "run 0"]
+    assert merged["versions"] == doc["versions"]
+    other = merge_documents([part[0], {**part[1], "versions": {"gradosr": "0"}}])["versions"]
+    assert other == [doc["versions"], {"gradosr": "0"}]
     with pytest.raises(GradOSRError, match="more than one"):
         merge_documents([part[0], doc])
     with pytest.raises(GradOSRError, match="different methods"):

@@ -225,7 +225,8 @@ def merge_documents(docs: list[dict]) -> dict:
     methods on disjoint splits (e.g. seeds run in separate sessions or on separate
     machines): the records in split order, the summary and cost recomputed over all of
     them, ``commands`` every document's command (``command`` the first's), ``seconds``
-    their sum. The records themselves are not changed."""
+    their sum, ``versions`` the runs' (a list where they differ). The records themselves
+    are not changed."""
     if not docs:
         raise ConfigError("merge: no results documents")
     first = docs[0]
@@ -257,6 +258,8 @@ def merge_documents(docs: list[dict]) -> dict:
         "skipped": skipped,
         "seconds": round(sum(d.get("seconds", 0) for d in docs), 2),
     })
+    runs = [d.get("versions") for d in docs]  # the runs' versions, not the merging machine's
+    doc["versions"] = runs[0] if all(v == runs[0] for v in runs) else runs
     return doc
 
 
