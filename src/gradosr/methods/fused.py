@@ -54,8 +54,10 @@ class FusedMethod:
 
     def fit(self, ctx: FitContext, data: FitData) -> "FusedMethod":
         """Streamed: the known training and held-out inputs are read chunk by chunk
-        (:mod:`gradosr.streams`); what the detector keeps is its banks (kNN: N×K logit
-        gradients and N×D features, float64) and the held-out knowns' signal scores."""
+        (:mod:`gradosr.streams`); what the detector keeps is what its signals keep by
+        definition (the features' kNN bank, N×D float64, and a gradient kNN signal's bank;
+        the Gaussian signals' class moments; the K-FAC factors) and the held-out knowns'
+        signal scores."""
         clf, rep = ctx.classifier, self.config.representation
         rows = chunk_rows(self.config.extraction.batch_size)
         self.param_names_ = []
