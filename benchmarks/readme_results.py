@@ -36,7 +36,7 @@ TEST_REPORTS = [
     ("test-cross-mnist-sample-to-fashion-mnist",
      "test protocol: all mnist-sample digits known, fashion-mnist unknowns (fresh seeds 10-14, {n} seeds)"),
     ("test-cross-fashion-mnist-to-mnist-sample",
-     "test protocol: all fashion-mnist classes known, mnist-sample unknowns (fresh seeds 10-14; {n} run)"),
+     "test protocol: all fashion-mnist classes known, mnist-sample unknowns (fresh seeds 10-14; {n} of them run)"),
 ]
 #: fashion-mnist known against every synthetic set (one folder per set)
 SYNTHETIC = "test-cross-fashion-mnist-to-synthetic"
