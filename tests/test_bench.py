@@ -127,6 +127,8 @@ def test_documents_of_single_splits_merge_into_the_two_split_document(bench, tmp
     assert other == [doc["versions"], {"gradosr": "0"}]
     with pytest.raises(GradOSRError, match="more than one"):
         merge_documents([part[0], doc])
+    with pytest.raises(GradOSRError, match="document 2 is not"):
+        merge_documents([part[0], {"results": [{"auroc": 1}], "command": "x"}])
     with pytest.raises(GradOSRError, match="different methods"):
         merge_documents([part[0], {**part[1], "results": part[1]["results"][:1]}])
     # the script writes the report folder, and refuses a file that is not a document in one line

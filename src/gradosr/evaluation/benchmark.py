@@ -229,6 +229,10 @@ def merge_documents(docs: list[dict]) -> dict:
     are not changed."""
     if not docs:
         raise ConfigError("merge: no results documents")
+    for i, d in enumerate(docs):
+        if not (isinstance(d, dict) and isinstance(d.get("results"), list) and isinstance(d.get("command"), str)
+                and all(isinstance(r, dict) and "method" in r and "split" in r for r in d["results"])):
+            raise ConfigError(f"merge: document {i + 1} is not a benchmark results document")
     first = docs[0]
     for key in ("protocol", "protocol_args"):
         if any(d.get(key) != first.get(key) for d in docs[1:]):
