@@ -15,10 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from gradosr.checkpoint import atomic_write_json
 from gradosr.errors import GradOSRError
-from gradosr.evaluation.benchmark import merge_documents, write_markdown
-from gradosr.evaluation.tables import write_csv
+from gradosr.evaluation.benchmark import merge_documents, write_results
 
 
 def main(argv=None) -> int:
@@ -39,9 +37,7 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", doc)
-    write_csv(out / "results.csv", doc["results"])
-    write_markdown(out / "results.md", doc)
+    write_results(out, doc)
     print(f"{len(doc['results'])} records of splits {[s['split'] for s in doc['splits']]} written to {out}")
     return 0
 

@@ -200,9 +200,7 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
         doc = docs[unknown] = _document(settings, st, time.time() - t_start)
         folder = layout.results(unknown)
         if distributed.is_main():
-            atomic_write_json(folder / "results.json", doc)
-            write_csv(folder / "results.csv", st["records"])
-            write_markdown(folder / "results.md", doc)
+            write_results(folder, doc)
             write_plots(folder / "plots", st["scores"], plot_all=settings.plot_all)
     distributed.barrier()  # the results are on disk before any process returns
     return docs[None] if None in docs else docs
@@ -265,6 +263,13 @@ def merge_documents(docs: list[dict]) -> dict:
     runs = [d.get("versions") for d in docs]  # the runs' versions, not the merging machine's
     doc["versions"] = runs[0] if all(v == runs[0] for v in runs) else runs
     return doc
+
+
+def write_results(folder: Path, doc: dict) -> None:
+    """``results.json``, ``results.csv`` (its records) and ``results.md`` of a document."""
+    atomic_write_json(folder / "results.json", doc)
+    write_csv(folder / "results.csv", doc["results"])
+    write_markdown(folder / "results.md", doc)
 
 
 def write_markdown(path: Path, doc: dict) -> None:

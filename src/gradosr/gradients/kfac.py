@@ -107,7 +107,7 @@ def _positions(m: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     return a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
 
 
-#: rows (samples × positions) per float64 slice of :func:`_gram`
+#: rows (samples × positions) per slice of :func:`_gram` (its product in the data's dtype)
 GRAM_ROWS = 8192
 #: samples per slice of the per-sample K-FAC features (their values do not depend on it)
 REDUCE_SAMPLES = 32
