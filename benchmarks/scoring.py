@@ -236,6 +236,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--fit-repeats", type=int, default=3,
                     help="fits per row; fit_s is the fastest (this machine's timings drift by up to 30%%)")
+    ap.add_argument("--backends", default=None,
+                    help="comma-separated backends of the search methods' rows (default: all; e.g. torch)")
+    ap.add_argument("--bank-dtypes", default=None, help="comma-separated bank dtypes of those rows (default: all)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -253,6 +256,9 @@ def main(argv=None) -> None:
     for bank in banks:
         for method, backend, dtype in RUNS:
             if methods and method not in methods:
+                continue
+            if backend is not None and ((args.backends and backend not in args.backends.split(","))
+                                        or (args.bank_dtypes and dtype not in args.bank_dtypes.split(","))):
                 continue
             if backend == "faiss":
                 from gradosr.detectors.search import faiss_module
