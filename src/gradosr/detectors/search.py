@@ -11,8 +11,8 @@ tolerance, tested):
   product (on the GPU torch's ``addmm``; on the CPU NumPy's ``matmul``, whose OpenBLAS
   ran 10-17% faster than torch's MKL on the AMD CPU the benchmarks ran on, on queries
   pre-scaled by −2, which is exact, then + ‖b‖²); the k smallest of the block are merged
-  into the running k best of the queries. Memory is bounded by the block (about 2²⁴ entries by default, 64 MB in
-  float32), never bank × queries.
+  into the running k best of the queries. Memory is bounded by the block (about 2²⁴
+  entries by default, 64 MB in float32), never bank × queries.
 - ``faiss``: ``faiss.IndexFlatL2`` / ``IndexFlatIP`` (``pip install gradosr[faiss]``),
   float32 banks only; the index holds the bank (no second copy), its storage allocated
   once at the bank's size and filled in place chunk by chunk.
@@ -300,7 +300,7 @@ class Bank:
             # the block's product by NumPy's BLAS (OpenBLAS, the BLAS of FAISS's wheels too) on
             # the queries scaled by −2 (l2) or −1 (ip), which is exact: the keys of the addmm
             # below up to rounding; 10-17% faster than torch's MKL on this project's AMD CPU
-            scaled = (q * (-2.0 if self.metric == "l2" else -1.0)).numpy()
+            scaled = (q.detach() * (-2.0 if self.metric == "l2" else -1.0)).numpy()
 
             def block_key(rows: slice, cols: slice) -> torch.Tensor:
                 out = buffer.get(rows.stop - rows.start, cols.stop - cols.start)
