@@ -8,11 +8,11 @@ tolerance, tested):
 
 - ``torch``: a blocked matrix-product top-k (CPU or GPU). Per block of ``query_chunk``
   queries × ``bank_chunk`` bank rows the keys ‖b‖² − 2 q·b (or −q·b) are one matrix
-  product (on the GPU torch's ``addmm``; on the CPU NumPy's ``matmul``, whose OpenBLAS
-  ran 10-17% faster than torch's MKL on the AMD CPU the benchmarks ran on, on queries
-  pre-scaled by −2, which is exact, then + ‖b‖²); the k smallest of the block are merged
-  into the running k best of the queries. Memory is bounded by the block (about 2²⁴
-  entries by default, 64 MB in float32), never bank × queries.
+  product on the queries pre-scaled by −2 (or −1), which is exact, then + ‖b‖²: on the
+  GPU torch's ``mm``; on the CPU NumPy's ``matmul``, whose OpenBLAS ran 10-17% faster
+  than torch's MKL on the AMD CPU the benchmarks ran on. The k smallest of the block
+  are merged into the running k best of the queries. Memory is bounded by the block
+  (about 2²⁴ entries by default, 64 MB in float32), never bank × queries.
 - ``faiss``: ``faiss.IndexFlatL2`` / ``IndexFlatIP`` (``pip install gradosr[faiss]``),
   float32 banks only; the index holds the bank (no second copy), its storage allocated
   once at the bank's size and filled in place chunk by chunk.
@@ -296,22 +296,20 @@ class Bank:
         c = compute_dtype(self.dtype)
         q = torch.as_tensor(query).to(self.device, c)
         buffer = BlockBuffer(c, self.device)
-        if self.device.type == "cpu":
-            # the block's product by NumPy's BLAS (OpenBLAS, the BLAS of FAISS's wheels too) on
-            # the queries scaled by −2 (l2) or −1 (ip), which is exact: the keys of the addmm
-            # below up to rounding; 10-17% faster than torch's MKL on this project's AMD CPU
-            scaled = (q.detach() * (-2.0 if self.metric == "l2" else -1.0)).numpy()
+        # the queries scaled by −2 (l2) or −1 (ip), which is exact: a block's keys are then
+        # one product (+ ‖b‖² for l2); on the CPU by NumPy's BLAS (OpenBLAS, the BLAS of
+        # FAISS's wheels too), 10-17% faster than torch's MKL on this project's AMD CPU
+        scaled = q.detach() * (-2.0 if self.metric == "l2" else -1.0)
+        cpu = self.device.type == "cpu"
+        scaled_np = scaled.numpy() if cpu else None
 
-            def block_key(rows: slice, cols: slice) -> torch.Tensor:
-                out = buffer.get(rows.stop - rows.start, cols.stop - cols.start)
-                np.matmul(scaled[rows], self._rows[cols].to(c).numpy().T, out=out.numpy())
-                return out.add_(self.sq_[cols]) if self.metric == "l2" else out
-        else:
-            def block_key(rows: slice, cols: slice) -> torch.Tensor:
-                b = self._rows[cols].to(c)
-                out = buffer.get(rows.stop - rows.start, cols.stop - cols.start)
-                if self.metric == "l2":
-                    return torch.addmm(self.sq_[cols], q[rows], b.T, beta=1.0, alpha=-2.0, out=out)
-                return torch.mm(q[rows], b.T, out=out).neg_()
+        def block_key(rows: slice, cols: slice) -> torch.Tensor:
+            b = self._rows[cols].to(c)
+            out = buffer.get(rows.stop - rows.start, cols.stop - cols.start)
+            if cpu:
+                np.matmul(scaled_np[rows], b.numpy().T, out=out.numpy())
+            else:
+                torch.mm(scaled[rows], b.T, out=out)
+            return out.add_(self.sq_[cols]) if self.metric == "l2" else out
 
         return blocked_topk(len(q), self.n, k, block_key, query_chunk, bank_chunk)[1].cpu()
