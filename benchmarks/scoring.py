@@ -8,7 +8,10 @@ Synthetic features with class structure: K = 10 classes, class centres N(0, 0.02
 dimensions (sd 0.15: overlapping classes, so that the AUROC is not 1), samples centre + N(0, I), float32 (the bank: N×D). Queries: 10k, half from
 the known classes and half from 10 other centres (the AUROC of known vs. other, a
 sanity check and the measure of a float16 bank's effect). Logits for the methods that
-read them come from a fixed random linear head.
+read them come from a fixed random linear head. Multi-layer Mahalanobis
+(``mahalanobis_ml``) runs a model: two fixed random ReLU layers on the features before
+that head (:func:`layered_model`), its two layers' Gaussians fitted from one streamed
+forward pass.
 
 Every (method, backend, bank size) runs in a fresh subprocess with the same number of
 threads (``--threads``, default all cores, for torch and FAISS alike). Memory: the
@@ -25,6 +28,10 @@ scoring runs once.
 The kNN record with the torch backend forced also times FAISS ``IndexFlatL2`` on the
 same normalised float32 bank and queries in the same process and threads
 (``faiss_score_s``), when faiss-cpu is installed.
+
+``--append`` adds a run's rows (say, a method added later) to an existing
+``scoring.json`` of the same machine and threads; each row's ratios still come from one
+process.
 
 Writes ``benchmarks/results/scoring.json`` (one record per method, backend and bank
 size: method, backend, bank, dim, queries, fit_s, score_s, peak_mb, bank_mb, ...) and
@@ -56,7 +63,29 @@ RUNS = [
     ("rmds", None, None),
     ("vim", None, None),
     ("gmm", None, None),
+    ("mahalanobis_ml", None, None),
 ]
+
+
+def layered_model(w, b):
+    """The model of the ``mahalanobis_ml`` rows: the synthetic features x pass two fixed
+    random ReLU layers (D→D, He-scaled, seed 0) before the head (w, b); the method's
+    layers are the two ReLU outputs, so it fits two D-dimensional Gaussians from a
+    streamed forward pass (its inputs are the features, N×D)."""
+    import torch
+    from torch import nn
+
+    d = w.shape[1]
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU())
+    for lin in (body[0], body[2]):
+        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        nn.init.zeros_(lin.bias)
+    head = nn.Linear(d, w.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(w))
+        head.bias.copy_(torch.from_numpy(b))
+    return nn.Sequential(body, head).eval()
 
 
 def _status_mb(key: str) -> float:
@@ -113,6 +142,11 @@ def worker(job: dict) -> dict:
     train = ScorerInputs(logits=torch.from_numpy(logits), features=torch.from_numpy(x), **head)
     test = ScorerInputs(logits=torch.from_numpy(qlogits), features=torch.from_numpy(qx), **head)
     options = {}
+    if job["method"] == "mahalanobis_ml":  # it runs a model on its inputs (the features)
+        model = layered_model(w, b)
+        train.inputs, train.model = train.features, model
+        test.inputs, test.model = test.features, model
+        options = {"layers": ("0.1", "0.3")}
     if job["backend"] is not None:
         options = {"backend": job["backend"], "bank_dtype": job["bank_dtype"]}
         if torch.cuda.is_available() and job["backend"] == "torch":
@@ -222,7 +256,7 @@ def markdown(doc: dict) -> str:
                          f"error: {r['error']} |" + " |" * (len(cols) - 7))
             continue
         lines.append("| " + " | ".join("–" if r.get(c) is None else str(r[c]) for c in cols) + " |")
-    lines += ["", "Targets (ratios measured in this run):", ""] + (doc["targets"] or ["- (none measurable)"])
+    lines += ["", "Targets (ratios measured in one run, each row's in one process):", ""] + (doc["targets"] or ["- (none measurable)"])
     return "\n".join(lines) + "\n"
 
 
@@ -241,6 +275,9 @@ def main(argv=None) -> None:
     ap.add_argument("--bank-dtypes", default=None, help="comma-separated bank dtypes of those rows (default: all)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--append", action="store_true",
+                    help="add this run's rows to OUT/scoring.json (replacing rows of the same method, backend, "
+                         "dtype and bank) instead of starting a new file; its command is listed beside the others")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -273,10 +310,20 @@ def main(argv=None) -> None:
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
                f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
-    doc = {"command": " ".join(["python benchmarks/scoring.py"] + (argv if argv is not None else sys.argv[1:])),
-           "machine": machine, "threads": args.threads, "torch": torch.__version__, "records": records}
-    doc["targets"] = targets(records)
+    command = " ".join(["python benchmarks/scoring.py"] + (argv if argv is not None else sys.argv[1:]))
+    doc = {"command": command, "machine": machine, "threads": args.threads, "torch": torch.__version__,
+           "records": records}
     out = Path(args.out)
+    if args.append and (out / "scoring.json").is_file():
+        old = json.loads((out / "scoring.json").read_text())
+        if (old.get("machine"), old.get("threads")) != (machine, args.threads):
+            sys.exit(f"scoring.py: --append needs the machine and threads of {out / 'scoring.json'} "
+                     f"({old.get('machine')}, {old.get('threads')} threads)")
+        key = lambda r: (r["method"], r["backend"], r.get("bank_dtype"), r["bank"])  # noqa: E731
+        new = {key(r) for r in records}
+        doc["records"] = sorted([r for r in old["records"] if key(r) not in new] + records, key=lambda r: r["bank"])
+        doc["command"] = " && ".join([old["command"], command])
+    doc["targets"] = targets(doc["records"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "scoring.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "scoring.md").write_text(markdown(doc))

@@ -37,6 +37,20 @@ queries for ``mahalanobis_ml_pp``):
   authors divide the sign by the per-channel std of their normalisation, which here is
   part of the inputs already.
 
+**Fit at scale.** The fit streams (``fit`` on chunks, ``partial_fit``): each chunk's
+pooled f^l go into per-layer float64 class moments
+(:class:`gradosr.detectors.mahalanobis.ClassMoments`, one pass, bit-identical to a
+one-shot fit), in slices of whole batches of about ``ROW_CHUNK`` rows, and the chunk is
+then dropped; no N×ΣC matrix of pooled activations and
+no copy of the training inputs is formed. The standardisation needs the layer scores of
+training rows, which need the fitted Gaussians, so a seeded uniform sample of at most
+``standardise_rows`` (default 100,000) training rows is kept for it
+(:class:`gradosr.streams.RowReservoir`): their pooled f^l for ``mahalanobis_ml``
+(ΣC float64 each), their inputs for ``mahalanobis_ml_pp`` (which perturbs them). With
+at most that many training samples, as in every protocol of this project, the sample
+is every row and m_l, s_l are exactly those of all training samples;
+``params["standardised_on"]`` records the count.
+
 Activations come from forward hooks (and the input gradient of ``_pp`` from one batched
 forward and backward per layer and batch, :func:`gradosr.gradients.capture.run`), in
 eval mode, in batches of ``batch_size`` inputs.
@@ -47,13 +61,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradosr.detectors.base import Scorer, check_labels
+from gradosr.detectors.base import ROW_CHUNK, Scorer, check_labels
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.intermediate import batched, channel_mean, check_batch_size, layer_pass, model_inputs, select_layers
-from gradosr.detectors.mahalanobis import Mahalanobis
+from gradosr.detectors.mahalanobis import ClassMoments, Mahalanobis
 from gradosr.detectors.registry import register
 from gradosr.errors import ConfigError, DataError
 from gradosr.gradients import capture
+from gradosr.streams import RowReservoir
 
 
 def _pooled(a: torch.Tensor, g) -> torch.Tensor:
@@ -72,16 +87,21 @@ class MahalanobisML(Scorer):
     default_epsilon = 0.0
 
     def __init__(self, epsilon: float | None = None, layers: tuple[str, ...] | None = None,
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, standardise_rows: int = 100_000) -> None:
         """``epsilon``: the input perturbation (None: the method's default, 0 for
         ``mahalanobis_ml``, 0.0014 for ``mahalanobis_ml_pp``); ``layers``: module names
-        (None: the rule of the module docstring)."""
+        (None: the rule of the module docstring); ``standardise_rows``: at most this many
+        training rows (a seeded uniform sample) give the layer scores' mean and standard
+        deviation (module docstring, "Fit at scale")."""
         eps = self.default_epsilon if epsilon is None else epsilon
         if not eps >= 0:
             raise ConfigError(f"epsilon must be >= 0, got {epsilon!r}")
         self.epsilon, self.eps = epsilon, float(eps)
         self.layers = None if layers is None else tuple(layers)
         self.batch_size = check_batch_size(batch_size)
+        if not (isinstance(standardise_rows, int) and standardise_rows >= 2):
+            raise ConfigError(f"standardise_rows must be an integer >= 2, got {standardise_rows!r}")
+        self.standardise_rows = standardise_rows
         self.params = {"epsilon": self.eps, "covariance": "tied (class-centred, 1/N), per layer",
                        "pooling": "mean over HxW", "ensemble": "equal-weight sum of training-standardised layer scores",
                        "layers": list(self.layers) if self.layers else "stages"}
@@ -132,17 +152,46 @@ class MahalanobisML(Scorer):
         return np.stack(cols, axis=1) if cols else np.zeros((len(outputs), 0))
 
     # ----------------------------------------------------------------- fit
-    def _fit(self, inputs: ScorerInputs, labels) -> None:
+    def _start_fit(self) -> None:
+        self._moments: list[ClassMoments] | None = None
+        self._sample = RowReservoir(self.standardise_rows)
+        self._model = None
+
+    def _pending(self) -> bool:
+        return getattr(self, "_moments", None) is not None and not getattr(self, "fitted_", False)
+
+    def _accumulate(self, chunk: ScorerInputs, labels) -> None:
+        """Stream one chunk of known training samples: per layer, its pooled activations
+        f^l into the class moments (float64), and a reservoir sample of the rows for
+        the training standardisation (module docstring, "Fit at scale")."""
+        if getattr(self, "_moments", None) is None:
+            self._start_fit()
+        model, x = model_inputs(chunk, self.method_id)
+        if self._moments is None:
+            self.layers_ = list(self.layers) if self.layers else select_layers(model, x, "stages")
+            self._moments = [ClassMoments() for _ in self.layers_]
+        y, k = check_labels(labels, len(x), chunk)
+        step = self.batch_size * max(1, ROW_CHUNK // self.batch_size)  # whole batches
+        for start in range(0, len(x), step):
+            rows = slice(start, start + step)
+            f = self.pooled(chunk.rows(rows), self.layers_)
+            for m, name in zip(self._moments, self.layers_):
+                m.add(f[name].numpy(), y[rows], k)
+            # ε = 0: the layer scores read f^l only, so its rows are sampled; else the inputs
+            self._sample.add(torch.cat([f[n] for n in self.layers_], dim=1) if self.eps == 0
+                             else x[rows].detach().to("cpu"))
+        self._model = model
+
+    def _finalize(self) -> None:
         """Per layer: class means and tied covariance of f^l; then the mean and standard
-        deviation of the training layer scores."""
-        model, x = model_inputs(inputs, self.method_id)
-        self.layers_ = list(self.layers) if self.layers else select_layers(model, x, "stages")
-        y, k = check_labels(labels, len(x), inputs)
-        f = self.pooled(inputs, self.layers_)
+        deviation of the layer scores of the sampled training rows."""
+        if getattr(self, "_moments", None) is None or self._moments[0].flush().n == 0:
+            raise DataError(f"{self.method_id}: fit needs at least one training sample")
         self.gauss_ = []
-        for name in self.layers_:
+        for m in self._moments:
             g = Mahalanobis(source="activations:f")
-            g.fit(ScorerInputs(logits=torch.zeros(len(x), k), activations={"f": f[name]}), y)
+            g._moments = m
+            g._finalize()
             self.gauss_.append(g)
         self.dims_ = [int(g.means_.shape[1]) for g in self.gauss_]
         self.ranks_ = [int(g.rank_) for g in self.gauss_]
@@ -154,11 +203,21 @@ class MahalanobisML(Scorer):
             d0, r0 = d0 + d, r0 + r
         self.whiten_ = whiten
         self._restored()  # the per-layer Gaussians as a loaded scorer has them (bit-identical scores)
-        train = self.layer_scores(inputs)
+        rows = self._sample.rows()
+        if self.eps == 0:
+            blocks = rows.split(self.dims_, dim=1)
+            train = np.stack([g.score_samples(ScorerInputs(activations={"f": b}))
+                              for g, b in zip(self.gauss_, blocks)], axis=1)
+        else:
+            train = self.layer_scores(ScorerInputs(model=self._model, inputs=rows))
         self.centre_ = train.mean(axis=0).tolist()
         spread = train.std(axis=0)
         self.spread_ = np.where(spread > 0, spread, 1.0).tolist()
-        self.params = {**self.params, "layers_used": self.layers_, "ranks": self.ranks_}
+        self.params = {**self.params, "layers_used": self.layers_, "ranks": self.ranks_,
+                       "standardised_on": int(len(rows))}
+        self._moments, self._sample, self._model = None, None, None
+        self._chunks = []
+        self.fitted_ = True
 
     def _restored(self) -> None:
         """Rebuild the per-layer Gaussians from the stored blocks."""
