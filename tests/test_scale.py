@@ -139,3 +139,7 @@ def test_multilayer_mahalanobis_streams_and_standardises_on_a_sample(cls):
     np.testing.assert_allclose(part.spread_, train.std(0), rtol=1e-12)
     expected = ((full.layer_scores(TEST) - train.mean(0)) / train.std(0)).sum(axis=1)
     np.testing.assert_allclose(part.score_samples(TEST), expected, rtol=1e-10, atol=1e-10)
+    # partial_fit after a fit adds to what was seen: two halves give the one-shot scorer
+    half = len(X_TRAIN) // 2
+    more = cls().fit(inputs(X_TRAIN[:half]), Y_TRAIN[:half]).partial_fit(inputs(X_TRAIN[half:]), Y_TRAIN[half:])
+    np.testing.assert_allclose(more.score_samples(TEST), full.score_samples(TEST), rtol=1e-10, atol=1e-10)

@@ -215,8 +215,7 @@ class MahalanobisML(Scorer):
         self.spread_ = np.where(spread > 0, spread, 1.0).tolist()
         self.params = {**self.params, "layers_used": self.layers_, "ranks": self.ranks_,
                        "standardised_on": int(len(rows))}
-        self._moments, self._sample, self._model = None, None, None
-        self._chunks = []
+        self._chunks = []  # the moments and the sample stay: a later partial_fit adds to them
         self.fitted_ = True
 
     def _restored(self) -> None:
