@@ -288,8 +288,9 @@ class RowReservoir:
     While at most ``cap`` rows have been added, the sample is every row in order
     (a fit on data of that size is exactly the one-shot fit). Row i (0-based, i ≥ cap)
     replaces slot j = ⌊u·(i+1)⌋ when j < cap, with u ~ U[0, 1) one float64 draw per row
-    (one draw each, so the stream of draws does not depend on the chunking). Memory:
-    ``cap`` rows.
+    (one draw each, so the stream of draws does not depend on the chunking). The sample
+    is kept as the parts it was filled with (a replacement writes into the part holding
+    its slot), so it is never copied whole: memory ``cap`` rows.
     """
 
     def __init__(self, cap: int, seed: int = 0) -> None:
@@ -298,33 +299,32 @@ class RowReservoir:
         self.cap, self.seen = cap, 0
         self._rng = np.random.default_rng(seed)
         self._parts: list[torch.Tensor] = []
-        self._rows: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
         """Add the rows of ``x`` (N×…; a copy is kept of those sampled)."""
         n = len(x)
         fill = min(n, max(0, self.cap - self.seen))
         if fill:
-            if self._rows is None:
-                self._parts.append(x[:fill].clone())
-            else:
-                self._rows = torch.cat([self._rows, x[:fill]])
+            self._parts.append(x[:fill].clone())
         if fill < n:
-            if self._rows is None:
-                self._rows = torch.cat(self._parts)
-                self._parts = []
             index = np.arange(self.seen + fill, self.seen + n)
             slot = np.floor(self._rng.random(len(index)) * (index + 1)).astype(np.int64)
             hit = np.flatnonzero(slot < self.cap)
             # a later row replaces an earlier one in the same slot: keep the last per slot
             last = len(hit) - 1 - np.unique(slot[hit][::-1], return_index=True)[1]
             hit = hit[last]
-            self._rows[torch.as_tensor(slot[hit])] = x[torch.as_tensor(fill + hit)]
+            ends = np.cumsum([len(p) for p in self._parts])
+            part = np.searchsorted(ends, slot[hit], side="right")
+            for p in np.unique(part):
+                mine = part == p
+                offset = slot[hit][mine] - (ends[p] - len(self._parts[p]))
+                self._parts[p][torch.as_tensor(offset)] = x[torch.as_tensor(fill + hit[mine])]
         self.seen += n
 
+    def parts(self) -> list[torch.Tensor]:
+        """The sampled rows as consecutive parts (together min(seen, cap) rows)."""
+        return list(self._parts)
+
     def rows(self) -> torch.Tensor | None:
-        """The sampled rows (min(seen, cap) × …), or None when nothing was added."""
-        if self._rows is None:
-            self._rows = torch.cat(self._parts) if self._parts else None
-            self._parts = []
-        return self._rows
+        """The sampled rows in one tensor (a copy), or None when nothing was added."""
+        return torch.cat(self._parts) if self._parts else None

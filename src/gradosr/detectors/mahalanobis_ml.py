@@ -203,18 +203,20 @@ class MahalanobisML(Scorer):
             d0, r0 = d0 + d, r0 + r
         self.whiten_ = whiten
         self._restored()  # the per-layer Gaussians as a loaded scorer has them (bit-identical scores)
-        rows = self._sample.rows()
-        if self.eps == 0:
-            blocks = rows.split(self.dims_, dim=1)
-            train = np.stack([g.score_samples(ScorerInputs(activations={"f": b}))
-                              for g, b in zip(self.gauss_, blocks)], axis=1)
-        else:
-            train = self.layer_scores(ScorerInputs(model=self._model, inputs=rows))
+        scores = []
+        for part in self._sample.parts():  # part by part: the sample is not copied whole
+            if self.eps == 0:
+                blocks = part.split(self.dims_, dim=1)
+                scores.append(np.stack([g.score_samples(ScorerInputs(activations={"f": b}))
+                                        for g, b in zip(self.gauss_, blocks)], axis=1))
+            else:
+                scores.append(self.layer_scores(ScorerInputs(model=self._model, inputs=part)))
+        train = np.concatenate(scores)
         self.centre_ = train.mean(axis=0).tolist()
         spread = train.std(axis=0)
         self.spread_ = np.where(spread > 0, spread, 1.0).tolist()
         self.params = {**self.params, "layers_used": self.layers_, "ranks": self.ranks_,
-                       "standardised_on": int(len(rows))}
+                       "standardised_on": int(len(train))}
         self._chunks = []  # the moments and the sample stay: a later partial_fit adds to them
         self.fitted_ = True
 
