@@ -13,9 +13,12 @@ tolerance, tested):
   than torch's MKL on the AMD CPU the benchmarks ran on. The k smallest of the block
   are merged into the running k best of the queries. Memory is bounded by the block
   (about 2²⁴ entries by default, 64 MB in float32), never bank × queries.
-- ``faiss``: ``faiss.IndexFlatL2`` / ``IndexFlatIP`` (``pip install gradosr[faiss]``),
-  float32 banks only; the index holds the bank (no second copy), its storage allocated
-  once at the bank's size and filled in place chunk by chunk.
+- ``faiss``: FAISS's exact brute-force search (``pip install gradosr[faiss]``),
+  float32 banks only: ``faiss.knn`` on the bank's rows, the function behind
+  ``IndexFlatL2.search`` / ``IndexFlatIP.search`` (the same neighbours, distances and
+  time, tested), without an index: the index's storage is zero-filled at its full
+  size when allocated, so filling it beside the fit's normalised rows peaked at twice
+  the bank, while the bank's own tensor is touched only as the rows are copied in.
 - ``auto`` (the default): ``faiss`` when it is importable and the bank is float32,
   else ``torch``. The backend in use is recorded in the scorer's ``params["backend"]``.
 
@@ -235,19 +238,9 @@ class Bank:
             raise ConfigError(f"metric must be one of {METRICS}, got {metric!r}")
         self.dtype, self.metric, self.backend = check_bank_dtype(bank_dtype), metric, backend
         self.n, self.d, self.filled = n, d, 0
-        if backend == "faiss":
-            faiss = faiss_module()
-            self.index = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
-            # the index's storage at its final size, filled in place by put(): adding chunk by
-            # chunk would grow it by doubling (up to 3× the bank while a reallocation copies)
-            self.index.codes.resize(n * d * 4)
-            self._rows = torch.from_numpy(faiss.rev_swig_ptr(self.index.codes.data(), n * d * 4)
-                                          .view(np.float32).reshape(n, d)) if n * d else torch.empty((n, d))
-            self.device = torch.device("cpu")
-        else:
-            self.index = None
-            self.device = torch.device(device)
-            self._rows = torch.empty((n, d), dtype=self.dtype, device=self.device)
+        # allocated, not touched: pages become resident as put() copies rows in
+        self.device = torch.device("cpu" if backend == "faiss" else device)
+        self._rows = torch.empty((n, d), dtype=self.dtype, device=self.device)
 
     @classmethod
     def of(cls, rows: torch.Tensor, bank_dtype: str, metric: str, backend: str, device="cpu") -> "Bank":
@@ -267,9 +260,7 @@ class Bank:
         """Finish filling: squared norms of the rows (torch backend, metric l2)."""
         if self.filled != self.n:
             raise ValueError(f"the bank has {self.filled} of its {self.n} rows")
-        if self.index is not None:
-            self.index.ntotal = self.n
-        if self.index is None and self.metric == "l2":
+        if self.backend == "torch" and self.metric == "l2":
             c = compute_dtype(self.dtype)
             self.sq_ = torch.cat([self._rows[s:s + (1 << 16)].to(c).square().sum(dim=1)
                                   for s in range(0, self.n, 1 << 16)]) if self.n else torch.empty(0, dtype=c)
@@ -277,7 +268,7 @@ class Bank:
 
     @property
     def rows(self) -> torch.Tensor:
-        """The stored rows N×D (a view of the FAISS index's storage with that backend)."""
+        """The stored rows N×D."""
         return self._rows
 
     @property
@@ -288,9 +279,11 @@ class Bank:
                bank_chunk: int | None = None) -> torch.Tensor:
         """Bank indices (int64, n×k, CPU) of the k nearest rows of every query row, best
         first, ties by lowest index."""
-        if self.index is not None:
+        if self.backend == "faiss":
+            faiss = faiss_module()
             q = np.ascontiguousarray(torch.as_tensor(query).detach().cpu().to(torch.float32).numpy())
-            dist, idx = self.index.search(q, k)
+            metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+            dist, idx = faiss.knn(q, self._rows.numpy(), k, metric=metric)
             key = torch.from_numpy(dist if self.metric == "l2" else -dist)
             return sort_by_key_then_index(key, torch.from_numpy(idx))[1]
         c = compute_dtype(self.dtype)
