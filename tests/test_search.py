@@ -198,3 +198,19 @@ def test_no_queries_give_no_neighbours():  # an empty shard of a distributed run
     x = ScorerInputs(features=torch.from_numpy(bank))
     knn = KNN(3, factors=("features", "features"), bank_dtype="float64").fit(x, np.zeros(20, dtype=int))
     assert knn.score_samples(ScorerInputs(features=torch.zeros(0, 3, dtype=torch.float64))).shape == (0,)
+
+
+@needs_faiss
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_faiss_backend_gives_the_index_flat_search(metric):
+    """The faiss backend (faiss.knn on the bank's rows) finds what IndexFlatL2/IP finds."""
+    import faiss
+
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((700, 24)).astype(np.float32)
+    q = rng.standard_normal((90, 24)).astype(np.float32)
+    index = faiss.IndexFlatL2(24) if metric == "l2" else faiss.IndexFlatIP(24)
+    index.add(rows)
+    _, expected = index.search(q, 7)
+    got = Bank.of(torch.from_numpy(rows), "float32", metric, "faiss").search(torch.from_numpy(q), 7)
+    np.testing.assert_array_equal(got.numpy(), expected)

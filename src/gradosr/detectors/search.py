@@ -15,8 +15,8 @@ tolerance, tested):
   (about 2²⁴ entries by default, 64 MB in float32), never bank × queries.
 - ``faiss``: FAISS's exact brute-force search (``pip install gradosr[faiss]``),
   float32 banks only: ``faiss.knn`` on the bank's rows, the function behind
-  ``IndexFlatL2.search`` / ``IndexFlatIP.search`` (the same neighbours, distances and
-  time, tested), without an index: the index's storage is zero-filled at its full
+  ``IndexFlatL2.search`` / ``IndexFlatIP.search`` (the same neighbours, tested against
+  them), without an index: the index's storage is zero-filled at its full
   size when allocated, so filling it beside the fit's normalised rows peaked at twice
   the bank, while the bank's own tensor is touched only as the rows are copied in.
 - ``auto`` (the default): ``faiss`` when it is importable and the bank is float32,
