@@ -1,6 +1,6 @@
 """Cost at scale of the bank-based scorers: fit time, scoring time and peak memory.
 
-    python benchmarks/scoring.py --quick        # banks of 10k and 100k (< 5 min on 2 cores)
+    python benchmarks/scoring.py --quick        # banks of 10k and 100k, one fit per row (< 5 min on 2 cores)
     python benchmarks/scoring.py                # 10k, 100k and 1M
     python benchmarks/scoring.py --dim 2048     # the ImageNet width (the default with CUDA)
 
@@ -21,7 +21,7 @@ resident size at that point (the high-water mark is reset through
 top of the features the caller holds: ``peak_mb``. ``bank_mb`` is the size of the N×D
 float32 features. With CUDA, ``gpu_peak_mb`` is torch's peak allocation on the device.
 
-``fit_s`` is the fastest of ``--fit-repeats`` fits (default 3; every one is kept in
+``fit_s`` is the fastest of ``--fit-repeats`` fits (default 3, 1 with ``--quick``; every one is kept in
 ``fit_runs_s``) in the same process, since the timings of a shared machine drift; the
 scoring runs once.
 
@@ -277,8 +277,9 @@ def main(argv=None) -> None:
     ap.add_argument("--queries", type=int, default=10_000)
     ap.add_argument("--methods", default=None, help="comma-separated methods (default: all bank-based)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--fit-repeats", type=int, default=3,
-                    help="fits per row; fit_s is the fastest (this machine's timings drift by up to 30%%)")
+    ap.add_argument("--fit-repeats", type=int, default=None,
+                    help="fits per row; fit_s is the fastest (this machine's timings drift by up to 30%%); "
+                         "default 3, 1 with --quick")
     ap.add_argument("--backends", default=None,
                     help="comma-separated backends of the search methods' rows (default: all; e.g. torch)")
     ap.add_argument("--bank-dtypes", default=None, help="comma-separated bank dtypes of those rows (default: all)")
@@ -289,6 +290,8 @@ def main(argv=None) -> None:
                          "dtype and bank) instead of starting a new file; its command is listed beside the others")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.fit_repeats is None:
+        args.fit_repeats = 1 if args.quick else 3
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
