@@ -41,7 +41,6 @@ size: method, backend, bank, dim, queries, fit_s, score_s, peak_mb, bank_mb, ...
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -161,7 +160,6 @@ def worker(job: dict) -> dict:
     fits, scorer = [], None
     for _ in range(job.get("fit_repeats", 1)):  # the fastest of the repeats, as timeit does
         del scorer  # the previous fit's banks are freed before the next is built
-        gc.collect()  # (a FAISS index is only freed when its scorer's reference cycles are)
         scorer = make_scorer(job["method"])
         if options:
             scorer.set_params(**options)

@@ -313,11 +313,12 @@ class RowReservoir:
             # a later row replaces an earlier one in the same slot: keep the last per slot
             last = len(hit) - 1 - np.unique(slot[hit][::-1], return_index=True)[1]
             hit = hit[last]
+            target = slot[hit]
             ends = np.cumsum([len(p) for p in self._parts])
-            part = np.searchsorted(ends, slot[hit], side="right")
+            part = np.searchsorted(ends, target, side="right")
             for p in np.unique(part):
                 mine = part == p
-                offset = slot[hit][mine] - (ends[p] - len(self._parts[p]))
+                offset = target[mine] - (ends[p] - len(self._parts[p]))
                 self._parts[p][torch.as_tensor(offset)] = x[torch.as_tensor(fill + hit[mine])]
         self.seen += n
 

@@ -214,6 +214,15 @@ class Mahalanobis(StreamedMoments, Scorer):
         self._chunks = []
         self.fitted_ = True
 
+    @classmethod
+    def from_moments(cls, moments: ClassMoments, source: str = "features") -> "Mahalanobis":
+        """The scorer fitted on rows already streamed into ``moments`` (a caller that
+        accumulates several representations in one pass, e.g. multi-layer Mahalanobis)."""
+        self = cls(source=source)
+        self._moments = moments
+        self._finalize()
+        return self
+
     def _restored(self) -> None:
         """From the stored class means (K×D) and whitening matrix (D×r, Σ⁺ = W Wᵀ)."""
         self.means_ = np.asarray(self.means_, dtype=np.float64)

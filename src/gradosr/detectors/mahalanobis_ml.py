@@ -136,13 +136,17 @@ class MahalanobisML(Scorer):
         x_hat = xb.detach() - self.eps * torch.sign(grads[0])
         return layer_pass(model, x_hat, [name], "output", _pooled, None, self.method_id)[name]
 
+    def _pooled_scores(self, pooled: list[torch.Tensor]) -> list[np.ndarray]:
+        """M_l of the pooled rows f^l (one N×C_l tensor per layer): one float64 N per layer."""
+        return [g.score_samples(ScorerInputs(activations={"f": f})) for g, f in zip(self.gauss_, pooled)]
+
     def layer_scores(self, outputs: ScorerInputs) -> np.ndarray:
         """M_l per layer, N×L (float64), before standardisation."""
         if len(outputs) == 0:
             return np.zeros((0, len(self.layers_)))
         if self.eps == 0:
             f = self.pooled(outputs, self.layers_)
-            cols = [g.score_samples(ScorerInputs(activations={"f": f[n]})) for g, n in zip(self.gauss_, self.layers_)]
+            cols = self._pooled_scores([f[n] for n in self.layers_])
         else:
             def step(model, xb):
                 return [(-self._distance(i, self._perturbed(model, xb, i))).numpy() for i in range(len(self.layers_))]
@@ -187,12 +191,7 @@ class MahalanobisML(Scorer):
         deviation of the layer scores of the sampled training rows."""
         if getattr(self, "_moments", None) is None or self._moments[0].flush().n == 0:
             raise DataError(f"{self.method_id}: fit needs at least one training sample")
-        self.gauss_ = []
-        for m in self._moments:
-            g = Mahalanobis(source="activations:f")
-            g._moments = m
-            g._finalize()
-            self.gauss_.append(g)
+        self.gauss_ = [Mahalanobis.from_moments(m, source="activations:f") for m in self._moments]
         self.dims_ = [int(g.means_.shape[1]) for g in self.gauss_]
         self.ranks_ = [int(g.rank_) for g in self.gauss_]
         self.means_ = np.concatenate([g.means_ for g in self.gauss_], axis=1)
@@ -206,9 +205,7 @@ class MahalanobisML(Scorer):
         scores = []
         for part in self._sample.parts():  # part by part: the sample is not copied whole
             if self.eps == 0:
-                blocks = part.split(self.dims_, dim=1)
-                scores.append(np.stack([g.score_samples(ScorerInputs(activations={"f": b}))
-                                        for g, b in zip(self.gauss_, blocks)], axis=1))
+                scores.append(np.stack(self._pooled_scores(part.split(self.dims_, dim=1)), axis=1))
             else:
                 scores.append(self.layer_scores(ScorerInputs(model=self._model, inputs=part)))
         train = np.concatenate(scores)
