@@ -53,7 +53,10 @@ gradient ``source``. A calibrator (:mod:`gradosr.detectors.calibration`) combine
 
 The signals' scores are combined by a calibrator fitted on held-out knowns
 (``combine="sum"``: the sum of z-scores; ``combine="fisher"``: Fisher's combination of
-empirical p-values, :mod:`gradosr.detectors.calibration`). kNN uses the k-th nearest
+empirical p-values; ``combine="learned"``: Fisher's combination weighted by a
+non-negative logistic regression of the held-out knowns against outliers generated from
+them, ``calibration_outliers`` (:mod:`gradosr.data.calibration_outliers`);
+:mod:`gradosr.detectors.calibration`). kNN uses the k-th nearest
 training sample, k = min(``k``, the smallest class's training count). The kNN signals
 keep float64 banks (searched by the torch backend, :mod:`gradosr.detectors.search`):
 the z-scores divide by the held-out knowns' spread, which turns a float32 bank's
@@ -74,6 +77,8 @@ import numpy as np
 import torch
 
 from gradosr.checkpoint import under_prefix, with_prefix
+from gradosr.data.calibration_outliers import GENERATORS as OUTLIER_GENERATORS
+from gradosr.data.calibration_outliers import check_generators
 from gradosr.detectors.base import Scorer
 from gradosr.detectors.calibration import CALIBRATORS
 from gradosr.detectors.gradnorm import GradNorm
@@ -91,7 +96,7 @@ SIGNALS = ("gradient", "features", "max_logit", "gradnorm", "gradorth", "activat
 GRADIENT_REPS = ("head", "norms", "projection", "kfac")
 #: what the kfac representation gives the gradient signal (:mod:`gradosr.gradients.kfac`)
 KFAC_FEATURES = ("whitened", "activation", "both", "whitened-sum", "activation-sum")
-COMBINES = ("sum", "fisher")
+COMBINES = ("sum", "fisher", "learned")
 GRADIENT_METRICS = ("knn", "mahalanobis", "leverage")
 
 
@@ -112,8 +117,12 @@ class FusionConfig:
     k: int = option(50, help="plus: the largest k of the kNN signals")
     projection_dim: int = option(16, help="plus, gradient_rep projection: projected size per side of each layer")
     combine: str = option("sum", choices=COMBINES,
-                          help="plus: the sum of the signals' z-scores on held-out knowns, or Fisher's combination "
-                               "of their empirical p-values")
+                          help="plus: the sum of the signals' z-scores on held-out knowns, Fisher's combination "
+                               "of their empirical p-values, or Fisher's combination weighted by a logistic "
+                               "regression of held-out knowns against outliers generated from them")
+    calibration_outliers: tuple[str, ...] = option(("mixup",), choices=tuple(OUTLIER_GENERATORS),
+                                                   help="plus, combine learned: comma-separated generators of "
+                                                        "the outliers made from held-out knowns")
     gradient_metric: str = option("knn", choices=GRADIENT_METRICS,
                                   help="plus, gradient_rep norms|projection|kfac: kNN, the Mahalanobis distance to "
                                        "the nearest class mean of the known training gradients, or the leverage "
@@ -127,6 +136,7 @@ class FusionConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "signals", tuple(self.signals))
+        object.__setattr__(self, "calibration_outliers", check_generators(self.calibration_outliers))
         bad = [s for s in self.signals if s not in SIGNALS]
         if bad or not self.signals or len(set(self.signals)) != len(self.signals):
             raise ConfigError(f"signals must be distinct names among {SIGNALS}, got {list(self.signals)}")
@@ -212,15 +222,26 @@ class FusedScorer(Scorer):
         self.calibrator_ = None
         return super().fit(data, labels)
 
-    def calibrate(self, held_out) -> "FusedScorer":
-        """Fit the calibrator on the signals' scores of held-out knowns: one ScorerInputs,
+    def calibrate(self, held_out, outliers=None) -> "FusedScorer":
+        """Fit the calibrator on the signals' scores of held-out knowns and, for
+        ``combine="learned"``, of the outliers generated from them: each one ScorerInputs
         or an iterable of ScorerInputs chunks (only their scores are kept)."""
-        parts = [self.signal_scores(p) for p in ([held_out] if isinstance(held_out, ScorerInputs) else held_out)]
-        if not parts:
+        calibrator = CALIBRATORS[self.fusion.combine]()
+        scores = self._scores_of(held_out)
+        if scores is None:
             raise DataError("calibrate needs held-out known samples")
-        scores = {s: np.concatenate([p[s] for p in parts]) for s in parts[0]}
-        self.calibrator_ = CALIBRATORS[self.fusion.combine]().fit(scores)
+        generated = None
+        if calibrator.needs_outliers:
+            generated = self._scores_of(outliers) if outliers is not None else None
+            if generated is None:
+                raise DataError(f"combine={self.fusion.combine} needs outliers generated from the held-out knowns")
+        self.calibrator_ = calibrator.fit(scores, generated)
         return self
+
+    def _scores_of(self, inputs) -> dict[str, np.ndarray] | None:
+        """Every signal's scores of one ScorerInputs or of an iterable of chunks (None if empty)."""
+        parts = [self.signal_scores(p) for p in ([inputs] if isinstance(inputs, ScorerInputs) else inputs)]
+        return {s: np.concatenate([p[s] for p in parts]) for s in parts[0]} if parts else None
 
     @property
     def k_(self) -> int | None:

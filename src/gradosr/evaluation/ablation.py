@@ -90,6 +90,20 @@ VARIANTS: list[Variant] = [
     Variant("plus", "plus", {}, "the preset as shipped (round 3's plus-kfac-act-whitened): Mahalanobis of the "
             "per-layer log activation norms and of the per-layer log Fisher-whitened gradient norms below the head "
             "+ kNN on features + max logit, Fisher's combination", "docs/ablation.md, round 3", base="plus-r1"),
+    # round 4 (docs/ablation.md): the same signals, their combination weighted per classifier against outliers
+    # the fit generates from held-out knowns (issue 21, item 6), each with its non-gradient control
+    *[Variant(name, "plus", {"combine": "learned", "calibration_outliers": gens, **extra}, change, cite, base="plus")
+      for name, gens, extra, change, cite in [
+          ("plus-calibrated", ("mixup",), {},
+           "plus with Fisher's combination weighted by a non-negative logistic regression of held-out knowns "
+           "against mixup outliers made from them", "Zhang et al., ICLR 2018; Zhou et al., CVPR 2021 (PROSER)"),
+          ("plus-calibrated-no-gradient", ("mixup",), {"signals": ("activation", "features", "max_logit")},
+           "control of plus-calibrated: without the whitened-gradient signal", ""),
+          ("plus-calibrated-jigsaw", ("mixup", "jigsaw"), {},
+           "plus-calibrated with mixup and jigsaw outliers", "Noroozi & Favaro, ECCV 2016; Li et al., CVPR 2021"),
+          ("plus-calibrated-jigsaw-no-gradient", ("mixup", "jigsaw"),
+           {"signals": ("activation", "features", "max_logit")},
+           "control of plus-calibrated-jigsaw: without the whitened-gradient signal", "")]],
     # rounds 1-3 vary the preset as shipped in rounds 1-2 (plus-r1): its options are pinned
     *[replace(v, options={**PLUS_R1, **v.options}, base="plus-r1") for v in [
     Variant("plus-r1", "plus", {}, "the preset of rounds 1-2: kNN on the head's confounding gradient + kNN on "

@@ -10,7 +10,9 @@ held-out knowns' statistics; a random projection of the full per-sample gradient
 every Linear/Conv weight (N×P', :mod:`gradosr.gradients.projection`); the per-layer
 log Fisher-whitened (K-FAC) gradient norms of the layers below the head, with the
 factors fitted on the known training inputs (:mod:`gradosr.gradients.kfac`), whose
-activation factors also feed the ``activation`` signal.
+activation factors also feed the ``activation`` signal. With ``fusion.combine="learned"``
+the calibration also scores outliers generated from the held-out knowns
+(:mod:`gradosr.data.calibration_outliers`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 
 from gradosr.checkpoint import under_prefix, with_prefix
 from gradosr.classifier import Classifier
+from gradosr.data.calibration_outliers import make_outliers
+from gradosr.detectors.calibration import CALIBRATORS
 from gradosr.detectors.fusion import FusedScorer
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.errors import CheckpointError
@@ -76,7 +80,12 @@ class FusedMethod:
                 self.scaler_ = Standardizer.fit(torch.cat([self._kfac(clf, x)[0] for x in data.xv.chunks(rows)]))
         self.detector_ = FusedScorer(self.config.fusion)
         self.detector_.fit((self.inputs(clf, x, "known training"), y) for x, y in zip_labels(data.xt, data.yt, rows))
-        self.detector_.calibrate(self.inputs(clf, x, "held-out knowns") for x in data.xv.chunks(rows))
+        outliers = None
+        if CALIBRATORS[self.config.fusion.combine].needs_outliers:
+            # made from the held-out knowns only (docs/ablation.md, round 4): never an unknown class
+            outliers = (self.inputs(clf, x, "calibration outliers") for x in make_outliers(
+                zip_labels(data.xv, data.yv, rows), self.config.fusion.calibration_outliers, self.seed))
+        self.detector_.calibrate((self.inputs(clf, x, "held-out knowns") for x in data.xv.chunks(rows)), outliers)
         return self
 
     def _norms(self, clf: Classifier, x: torch.Tensor, desc: str) -> torch.Tensor:
