@@ -134,6 +134,10 @@ class FusionConfig:
     kfac_damping: float = option(0.1, help="plus, gradient_rep kfac: damping of the K-FAC factors, times their mean "
                                            "eigenvalue")
 
+    def to_dict(self) -> dict:
+        """The fields as JSON values (tuples become lists, so a saved config reads back equal)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "signals", tuple(self.signals))
         object.__setattr__(self, "calibration_outliers", check_generators(self.calibration_outliers))
@@ -266,7 +270,7 @@ class FusedScorer(Scorer):
             tensors.update(with_prefix(t, f"signals.{s}."))
         t, cal = self.calibrator_.state()
         tensors.update(with_prefix(t, "calibrator."))
-        config = {**asdict(self.fusion), "signals": list(self.fusion.signals)}
+        config = self.fusion.to_dict()
         return tensors, {"method_id": self.method_id, "config": config, "signals": metas, "calibrator": cal}
 
     @classmethod

@@ -132,7 +132,7 @@ class OSRConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["representation"] = self.representation.to_dict()
-        d["fusion"]["signals"] = list(self.fusion.signals)
+        d["fusion"] = self.fusion.to_dict()
         d["logit_inputs"] = list(self.logit_inputs)
         return d
 
