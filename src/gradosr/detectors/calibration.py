@@ -32,6 +32,16 @@ from gradosr.errors import CheckpointError, DataError, NotFittedError
 _EPS = 1e-12
 
 
+def _finite(scores: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+    """Every signal's scores as float64 arrays; a non-finite score is a DataError naming
+    the signal and ``what`` ("held-out knowns", "generated outliers")."""
+    out = {s: np.asarray(v, dtype=np.float64) for s, v in scores.items()}
+    for s, v in out.items():
+        if not np.isfinite(v).all():
+            raise DataError(f"the {s} signal of the {what} is not finite")
+    return out
+
+
 class ZScoreSum:
     """Σ_s (score_s − mean_s) / std_s over the signals s."""
 
@@ -43,12 +53,10 @@ class ZScoreSum:
         """``held_out``: every signal's scores (float64 M) on held-out knowns, M >= 2;
         ``outliers``: the same on generated outliers (used by ``learned`` only)."""
         self.stats_: dict[str, tuple[float, float]] = {}
-        for s, v in held_out.items():
-            v = torch.as_tensor(np.asarray(v, dtype=np.float64))
-            if len(v) < 2:
-                raise DataError("the fused detector needs at least 2 held-out known samples")
-            if not torch.isfinite(v).all():
-                raise DataError(f"the {s} signal of the held-out knowns is not finite")
+        if any(len(v) < 2 for v in held_out.values()):
+            raise DataError("the fused detector needs at least 2 held-out known samples")
+        for s, v in _finite(held_out, "held-out knowns").items():
+            v = torch.as_tensor(v)
             self.stats_[s] = (float(v.mean()), max(float(v.std(unbiased=False)), _EPS))
         self._fit_extra(held_out)
         return self
@@ -156,13 +164,10 @@ class LearnedFisher(FisherCombination):
                             f"{sorted(held_out)}")
         super().fit(held_out)
         signals = list(held_out)
-        for s in signals:
-            if not np.isfinite(np.asarray(outliers[s], dtype=np.float64)).all():
-                raise DataError(f"the {s} signal of the generated outliers is not finite")
-        x = np.column_stack([FisherCombination._term(self, s, np.concatenate(
-            [np.asarray(held_out[s], dtype=np.float64), np.asarray(outliers[s], dtype=np.float64)]))
-            for s in signals])
-        n_in = len(np.asarray(held_out[signals[0]]))
+        held_out, outliers = _finite(held_out, "held-out knowns"), _finite(outliers, "generated outliers")
+        x = np.column_stack([FisherCombination._term(self, s, np.concatenate([held_out[s], outliers[s]]))
+                             for s in signals])
+        n_in = len(held_out[signals[0]])
         y = np.r_[np.ones(n_in), np.zeros(len(x) - n_in)]
         w, _ = nonnegative_logistic(x, y, self.alpha)
         self.fallback_ = bool(w.sum() <= 0)
