@@ -198,5 +198,13 @@ def test_cli_ablate_writes_tables_and_resumes(tmp_path, capsys):
     first = [r["auroc"] for r in doc["results"]]
     assert main(argv) == 0  # the second run reuses the stored records
     assert [r["auroc"] for r in json.loads((out / "results.json").read_text())["results"]] == first
+    # --rerun recomputes them (a stored record altered by hand is replaced; without it, kept)
+    stored = json.loads((out / "results.json").read_text())
+    stored["results"][0]["auroc"] = -1.0
+    (out / "results.json").write_text(json.dumps(stored))
+    assert main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["results"][0]["auroc"] == -1.0
+    assert main(argv + ["--rerun"]) == 0
+    assert [r["auroc"] for r in json.loads((out / "results.json").read_text())["results"]] == first
     assert main([a if a != "plus,plus-no-gradient" else "nope" for a in argv]) == 2
     assert "unknown variant 'nope'" in capsys.readouterr().err

@@ -229,7 +229,7 @@ def cmd_ablate(args) -> int:
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     select_variants(names)  # unknown names fail before any work
     settings = AblationSettings(
-        protocol=args.protocol, **_split_options(args), variants=names, out=_out_folder(args.out),
+        protocol=args.protocol, **_split_options(args), variants=names, rerun=args.rerun, out=_out_folder(args.out),
         strict=args.strict, **_stream_options(args),
         protocol_args=_protocol_options(args), train_overrides=_train_overrides(args),
         seed=args.seed, data_dir=args.data_dir, device=init_distributed(args.device), progress=not args.no_progress,

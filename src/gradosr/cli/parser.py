@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated variant names, family prefixes such as plus*, or all (default); "
                         "see docs/ablation.md")
     p.add_argument("--out", required=True, help="folder (runs/, results.json, results.md)")
+    p.add_argument("--rerun", action="store_true",
+                   help="recompute the variants named even where --out holds their records with the same config "
+                        "(after a code change); the classifiers in --out/runs are reused")
     _add_train_args(p)
     _add_common_args(p)
 

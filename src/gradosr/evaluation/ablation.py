@@ -173,9 +173,12 @@ VARIANT_NAMES = [v.name for v in VARIANTS]
 @dataclass
 class AblationSettings(ExperimentSettings):
     """An ablation: the splits (:class:`ExperimentSettings`) and the variant names
-    (``all``, names, or family patterns such as ``plus*``)."""
+    (``all``, names, or family patterns such as ``plus*``). ``rerun``: recompute the
+    named variants even where ``out`` holds their records with the same config (after a
+    code change; the classifiers in ``out/runs`` are reused all the same)."""
 
     variants: list[str] = field(default_factory=lambda: ["all"])
+    rerun: bool = False
 
 
 def select_variants(names: list[str]) -> list[Variant]:
@@ -234,7 +237,7 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
         spec, data, clf, config = run.specs[0], run.data[0], run.classifier, run.train_config
         proxies = ProxyStore(root=run.run.root)
         for v in progress_bar(variants, desc=f"split {run.split}", disable=not settings.progress, unit="variant"):
-            if (v.name, run.split) in done:  # an interrupted ablation resumes where it stopped
+            if not settings.rerun and (v.name, run.split) in done:  # an interrupted ablation resumes
                 records.append({**done[(v.name, run.split)], "cached": True})
                 continue
             t0 = time.time()
