@@ -162,11 +162,11 @@ class LearnedFisher(FisherCombination):
         if set(outliers) != set(held_out):
             raise DataError(f"the outliers' signals {sorted(outliers)} differ from the held-out knowns' "
                             f"{sorted(held_out)}")
-        super().fit(held_out)
+        super().fit(held_out)  # checks the held-out knowns' scores
         signals = list(held_out)
-        held_out, outliers = _finite(held_out, "held-out knowns"), _finite(outliers, "generated outliers")
-        x = np.column_stack([FisherCombination._term(self, s, np.concatenate([held_out[s], outliers[s]]))
-                             for s in signals])
+        outliers = _finite(outliers, "generated outliers")
+        x = np.column_stack([FisherCombination._term(self, s, np.concatenate(
+            [np.asarray(held_out[s], dtype=np.float64), outliers[s]])) for s in signals])
         n_in = len(held_out[signals[0]])
         y = np.r_[np.ones(n_in), np.zeros(len(x) - n_in)]
         w, _ = nonnegative_logistic(x, y, self.alpha)

@@ -79,7 +79,7 @@ import torch
 from gradosr.checkpoint import under_prefix, with_prefix
 from gradosr.data.calibration_outliers import GENERATORS as OUTLIER_GENERATORS
 from gradosr.data.calibration_outliers import check_generators
-from gradosr.detectors.base import Scorer
+from gradosr.detectors.base import Scorer, _jsonable
 from gradosr.detectors.calibration import CALIBRATORS
 from gradosr.detectors.gradnorm import GradNorm
 from gradosr.detectors.gradorth import GradOrth
@@ -136,7 +136,7 @@ class FusionConfig:
 
     def to_dict(self) -> dict:
         """The fields as JSON values (tuples become lists, so a saved config reads back equal)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return _jsonable(asdict(self))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "signals", tuple(self.signals))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from gradosr.detectors.base import _jsonable
 from gradosr.detectors.fusion import FusionConfig
 from gradosr.detectors.mlp import DetectorConfig
 from gradosr.detectors.registry import register_preset
@@ -130,11 +131,9 @@ class OSRConfig:
             raise ConfigError(f"logit_inputs must be distinct names among {LOGIT_INPUTS}, got {list(self.logit_inputs)}")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["representation"] = self.representation.to_dict()
-        d["fusion"] = self.fusion.to_dict()
-        d["logit_inputs"] = list(self.logit_inputs)
-        return d
+        """The config as JSON values: every tuple, in any section, becomes a list, so a
+        saved config reads back equal (:meth:`from_dict`)."""
+        return _jsonable(asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict) -> "OSRConfig":
