@@ -1,4 +1,4 @@
-"""The tuning rule of docs/ablation.md (rounds 2-4), applied to the tuning suite's ablations.
+"""The tuning rule of docs/ablation.md (rounds 2-5), applied to the tuning suite's ablations.
 
     PYTHONPATH=src python benchmarks/tuning_score.py [--reports reports] [--markdown]
 
@@ -50,7 +50,7 @@ def scores(reports: Path) -> dict[str, dict]:
 
 
 def choose(table: dict[str, dict], options_changed: dict[str, int] | None = None) -> str | None:
-    """The rule of docs/ablation.md (rounds 2-4) over the complete variants."""
+    """The rule of docs/ablation.md (rounds 2-5) over the complete variants."""
     done = {k: v for k, v in table.items() if v["complete"]}
     if not done:
         return None

@@ -81,8 +81,10 @@ def cmean(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- NAC
-def test_nac_coverage_counted_by_hand():
-    scorer = make_scorer("nac").set_params(bins=7, min_fraction=0.1).fit(TRAIN, Y_TRAIN)
+@pytest.mark.parametrize("statistic", ["product", "activation"])
+def test_nac_coverage_counted_by_hand(statistic):
+    """The paper's state z̄ ⊙ ḡ and the non-gradient control z̄ alone (round 5)."""
+    scorer = make_scorer("nac").set_params(bins=7, min_fraction=0.1, statistic=statistic).fit(TRAIN, Y_TRAIN)
     names = scorer.layers_
     assert names == select_layers(MODEL, X_TRAIN, "blocks") == ["body.5", "body.6", "body.8", "body.9"]
 
@@ -90,7 +92,8 @@ def test_nac_coverage_counted_by_hand():
         return -torch.log_softmax(z, dim=1).mean() - np.log(K)
 
     def raw(x):
-        return [[(cmean(a[n]) * cmean(g[n])).numpy() for n in names] for a, g in per_sample(x, names, kl)]
+        return [[(cmean(a[n]) * (cmean(g[n]) if statistic == "product" else 1.0)).numpy() for n in names]
+                for a, g in per_sample(x, names, kl)]
 
     train = raw(X_TRAIN)
     sig = [np.sqrt(np.mean([r[l] ** 2 for r in train])) for l in range(len(names))]

@@ -43,7 +43,25 @@ shipped (docs/ablation.md, round 3) combines ``activation``, ``gradient`` with
 ``gradient_metric="leverage"`` scores the gradient representation by its self-influence
 +gᵀ(GᵀG/N + γI)⁻¹g against the known training gradients (the confounding gradient grows
 with confidence, so larger = known) (TRAK, Park et al., ICML 2023;
-:class:`gradosr.detectors.leverage.Leverage`).
+:class:`gradosr.detectors.leverage.Leverage`). ``gradient_metric="gradpca"`` scores it by
+minus the share of ‖g‖² off the span of the known training gradients' class means
+(GradPCA, Seleznova et al., ICLR 2026; :class:`gradosr.detectors.gradpca.GradPCA`), and
+``"mahalanobis_predicted"`` by the Mahalanobis distance to the mean of the class the
+classifier predicts instead of the nearest one, ``"relative_mahalanobis"`` by RMDS's
+relative distance, the class-conditional minus the background Gaussian's (Ren et al.,
+2021, applied in gradient space; :class:`gradosr.detectors.rmds.RMDS`) (docs/ablation.md,
+round 5).
+
+Activation-gradient statistics per block, as signals (issue 21, item 3; round 5):
+
+- ``nac``: NAC-UE's coverage of the neuron states sigmoid(z̄ ⊙ ∂KL(u‖p)/∂z̄) of the
+  blocks (Liu et al., ICLR 2024; :class:`gradosr.detectors.nac.NAC`);
+- ``coverage``: its non-gradient control, the coverage of sigmoid(z̄) alone;
+- ``gaia``: GAIA-A's channel-wise average attribution abnormality (Chen et al.,
+  NeurIPS 2023; :class:`gradosr.detectors.gaia.GAIAA`); no fit, all gradient.
+
+These three run the classifier themselves, so the inputs then also carry the model and
+its inputs (:meth:`gradosr.methods.fused.FusedMethod.inputs`).
 
 Every signal is a registered scorer (:func:`signal_scorers`): the gradient kNN is
 :class:`gradosr.detectors.knn.KNN` with ``factors=("logit_grad", "features")`` (or one
@@ -81,23 +99,27 @@ from gradosr.data.calibration_outliers import GENERATORS as OUTLIER_GENERATORS
 from gradosr.data.calibration_outliers import check_generators
 from gradosr.detectors.base import Scorer, _jsonable
 from gradosr.detectors.calibration import CALIBRATORS
+from gradosr.detectors.gaia import GAIAA
 from gradosr.detectors.gradnorm import GradNorm
 from gradosr.detectors.gradorth import GradOrth
+from gradosr.detectors.gradpca import GradPCA
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.knn import KNN
 from gradosr.detectors.leverage import Leverage
 from gradosr.detectors.mahalanobis import Mahalanobis
 from gradosr.detectors.mls import MLS
+from gradosr.detectors.nac import NAC
 from gradosr.detectors.registry import METHODS, register
+from gradosr.detectors.rmds import RMDS
 from gradosr.errors import CheckpointError, ConfigError, DataError, NotFittedError
 from gradosr.options import option
 
-SIGNALS = ("gradient", "features", "max_logit", "gradnorm", "gradorth", "activation")
+SIGNALS = ("gradient", "features", "max_logit", "gradnorm", "gradorth", "activation", "nac", "coverage", "gaia")
 GRADIENT_REPS = ("head", "norms", "projection", "kfac")
 #: what the kfac representation gives the gradient signal (:mod:`gradosr.gradients.kfac`)
 KFAC_FEATURES = ("whitened", "activation", "both", "whitened-sum", "activation-sum")
 COMBINES = ("sum", "fisher", "learned")
-GRADIENT_METRICS = ("knn", "mahalanobis", "leverage")
+GRADIENT_METRICS = ("knn", "mahalanobis", "mahalanobis_predicted", "relative_mahalanobis", "leverage", "gradpca")
 
 
 @dataclass(frozen=True)
@@ -125,8 +147,10 @@ class FusionConfig:
                                                         "the outliers made from held-out knowns")
     gradient_metric: str = option("knn", choices=GRADIENT_METRICS,
                                   help="plus, gradient_rep norms|projection|kfac: kNN, the Mahalanobis distance to "
-                                       "the nearest class mean of the known training gradients, or the leverage "
-                                       "(self-influence) against them")
+                                       "the nearest (or the predicted) class mean of the known training gradients, its "
+                                       "relative (RMDS) form, "
+                                       "the leverage (self-influence) against them, or GradPCA's residual off the "
+                                       "span of their class means")
     kfac_features: str = option("whitened", choices=KFAC_FEATURES,
                                 help="plus, gradient_rep kfac: the per-layer log Fisher-whitened gradient norms, the "
                                      "activation factors (the non-gradient control), both factors, or the log of "
@@ -163,30 +187,37 @@ class FusionConfig:
             raise ConfigError(f"projection_dim must be a positive integer, got {self.projection_dim!r}")
 
 
+#: the gradient signal's scorer by ``gradient_metric``: (config, the representation's fields) -> Scorer
+GRADIENT_SCORERS = {
+    "knn": lambda c, rep: KNN(c.k, factors=rep, normalize=c.gradient_rep not in ("norms", "kfac"),
+                              bank_dtype="float64"),
+    "mahalanobis": lambda c, rep: Mahalanobis(source=rep[0]),
+    "mahalanobis_predicted": lambda c, rep: Mahalanobis(source=rep[0], assign="predicted"),
+    "relative_mahalanobis": lambda c, rep: RMDS(source=rep[0]),
+    "leverage": lambda c, rep: Leverage(source=rep[0]),
+    "gradpca": lambda c, rep: GradPCA(source=rep[0]),
+}
+#: every other signal's scorer: config -> Scorer
+SIGNAL_SCORERS = {
+    "features": lambda c: KNN(c.k, bank_dtype="float64"),
+    "max_logit": lambda c: MLS(),
+    "gradnorm": lambda c: GradNorm(log=True),
+    "gradorth": lambda c: GradOrth(),
+    "activation": lambda c: Mahalanobis(source="kfac_activation"),
+    "nac": lambda c: NAC(),
+    "coverage": lambda c: NAC(statistic="activation"),
+    "gaia": lambda c: GAIAA(),
+}
+#: the fields of ScorerInputs that each gradient representation fills
+REP_FIELDS = {"head": ("logit_grad", "features"), "norms": ("norms",), "projection": ("projection",),
+              "kfac": ("kfac",)}
+
+
 def signal_scorers(config: FusionConfig) -> dict[str, Scorer]:
     """The unfitted scorer of every signal of ``config``, by signal name."""
-    rep = {"head": ("logit_grad", "features"), "norms": ("norms",), "projection": ("projection",),
-           "kfac": ("kfac",)}[config.gradient_rep]
-    out: dict[str, Scorer] = {}
-    for s in config.signals:
-        if s == "gradient" and config.gradient_metric == "mahalanobis":
-            out[s] = Mahalanobis(source=rep[0])
-        elif s == "gradient" and config.gradient_metric == "leverage":
-            out[s] = Leverage(source=rep[0])
-        elif s == "activation":
-            out[s] = Mahalanobis(source="kfac_activation")
-        elif s == "gradient":
-            out[s] = KNN(config.k, factors=rep, normalize=config.gradient_rep not in ("norms", "kfac"),
-                         bank_dtype="float64")
-        elif s == "features":
-            out[s] = KNN(config.k, bank_dtype="float64")
-        elif s == "max_logit":
-            out[s] = MLS()
-        elif s == "gradnorm":
-            out[s] = GradNorm(log=True)
-        else:
-            out[s] = GradOrth()
-    return out
+    rep = REP_FIELDS[config.gradient_rep]
+    return {s: GRADIENT_SCORERS[config.gradient_metric](config, rep) if s == "gradient" else SIGNAL_SCORERS[s](config)
+            for s in config.signals}
 
 
 @register(kind="component")

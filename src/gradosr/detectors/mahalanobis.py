@@ -46,7 +46,10 @@ from gradosr.detectors.base import (ROW_CHUNK, Scorer, check_chunk_size, check_l
                                     float_row_chunks, float_rows, matrix_field)
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.detectors.registry import register
-from gradosr.errors import DataError
+from gradosr.errors import ConfigError, DataError
+
+#: which class mean a sample's distance is taken to
+ASSIGNS = ("nearest", "predicted")
 
 
 class ClassMoments:
@@ -188,14 +191,20 @@ class Mahalanobis(StreamedMoments, Scorer):
     needs_fit = True
     _state_tensors = ("means_", "whiten_")
 
-    def __init__(self, chunk_size: int | None = None, source: str = "features") -> None:
+    def __init__(self, chunk_size: int | None = None, source: str = "features", assign: str = "nearest") -> None:
         """``chunk_size``: queries per block (None: automatic); it does not change results.
-        ``source``: the representation (a ScorerInputs field or ``gradients`` key)."""
+        ``source``: the representation (a ScorerInputs field or ``gradients`` key).
+        ``assign``: the class mean a sample is measured to: the ``nearest`` (Lee et al.) or
+        the classifier's ``predicted`` class (argmax of the logits; issue 21's
+        class-conditional gradient distance)."""
+        if assign not in ASSIGNS:
+            raise ConfigError(f"Mahalanobis assign must be one of {ASSIGNS}, got {assign!r}")
         self.chunk_size = check_chunk_size(chunk_size)
-        self.source = source
-        self.needs = (source,)
+        self.source, self.assign = source, assign
+        self.needs = (source, "logits") if assign == "predicted" else (source,)
         self.params = {
             "layer": "penultimate" if source == "features" else source,
+            **({"class_mean": "predicted class"} if assign == "predicted" else {}),
             "covariance": "tied (class-centred, 1/N)",
             "inverse": "pseudo-inverse, eigenvalue cutoff D*eps*max",
             "input_perturbation": 0.0,
@@ -249,5 +258,12 @@ class Mahalanobis(StreamedMoments, Scorer):
         return out
 
     def score_samples(self, outputs: ScorerInputs) -> np.ndarray:
-        """−min_k (f − μ_k)ᵀ Σ⁺ (f − μ_k) -> N (float64), higher = more likely known."""
-        return -self.distances(outputs).min(axis=1)
+        """−min_k (f − μ_k)ᵀ Σ⁺ (f − μ_k) -> N (float64), higher = more likely known; with
+        ``assign="predicted"`` −(f − μ_ŷ)ᵀ Σ⁺ (f − μ_ŷ), ŷ = argmax of the logits."""
+        d = self.distances(outputs)
+        if self.assign == "nearest":
+            return -d.min(axis=1)
+        pred = float_rows(outputs, "logits", "Mahalanobis (predicted class)").argmax(axis=1)
+        if len(pred) != len(d) or (len(pred) and pred.max() >= d.shape[1]):
+            raise DataError(f"Mahalanobis: the logits do not give one of the {d.shape[1]} fitted classes per row")
+        return -d[np.arange(len(d)), pred]

@@ -40,6 +40,10 @@ sample's state falls in:
   edges logarithmically towards 0 and 1). Their code sums over H×W where this mean
   pools; σ absorbs the difference.
 
+``statistic="activation"`` drops the gradient from the state, φ_c(x) = sigmoid(α · z̄_c / σ)
+(σ the RMS of z̄ instead), with no backward pass: the non-gradient control of NAC as a
+signal of the ``plus`` family (docs/ablation.md, round 5), not a method of the paper.
+
 The gradient ∂L/∂z of every selected layer comes from one batched forward and backward
 per batch of ``batch_size`` inputs (:func:`gradosr.gradients.capture.run`), in eval
 mode; ``.grad`` of the parameters is not touched.
@@ -68,6 +72,14 @@ def _product(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (channel_mean(a) * channel_mean(g)).to(device="cpu", dtype=torch.float64)
 
 
+def _activation(a: torch.Tensor, g: None) -> torch.Tensor:
+    return channel_mean(a).to(device="cpu", dtype=torch.float64)
+
+
+#: the neuron state before standardisation: (reduce of the layer pass, loss whose gradient it reads)
+STATES = {"product": (_product, kl_to_uniform), "activation": (_activation, None)}
+
+
 @register
 class NAC(Scorer):
     method_id = "nac"
@@ -79,10 +91,14 @@ class NAC(Scorer):
     _state_meta = ("layers_", "widths_", "sigma_")
 
     def __init__(self, bins: int = 50, min_fraction: float = 0.05, alpha: float = 1.0,
-                 layers: tuple[str, ...] | None = None, batch_size: int = 256) -> None:
+                 layers: tuple[str, ...] | None = None, batch_size: int = 256, statistic: str = "product") -> None:
         """``bins``: M; ``min_fraction``: r (coverage saturates at r·N training states);
         ``alpha``: the sigmoid steepness on the standardised state; ``layers``: module
-        names (None: the rule of the module docstring)."""
+        names (None: the rule of the module docstring); ``statistic``: ``product`` (the
+        paper's z̄ ⊙ ḡ) or ``activation`` (z̄ alone, the non-gradient control)."""
+        if statistic not in STATES:
+            raise ConfigError(f"nac statistic must be one of {tuple(STATES)}, got {statistic!r}")
+        self.statistic = statistic
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
             raise ConfigError(f"bins must be a positive integer, got {bins!r}")
         if not 0 < min_fraction <= 1:
@@ -93,13 +109,15 @@ class NAC(Scorer):
         self.layers = None if layers is None else tuple(layers)
         self.batch_size = check_batch_size(batch_size)
         self.params = {"bins": bins, "min_fraction": float(min_fraction), "alpha": float(alpha),
-                       "state": "sigmoid(alpha * mean_hw(z) * mean_hw(dKL(u||p)/dz) / rms_train)",
+                       "state": "sigmoid(alpha * mean_hw(z) * mean_hw(dKL(u||p)/dz) / rms_train)"
+                       if statistic == "product" else "sigmoid(alpha * mean_hw(z) / rms_train)",
                        "layers": list(self.layers) if self.layers else "blocks"}
 
     def raw_states(self, outputs: ScorerInputs, layers: list[str]) -> list[torch.Tensor]:
-        """z̄ ⊙ ḡ per layer (float64 N×C_l), before standardisation and sigmoid."""
+        """z̄ ⊙ ḡ (or z̄) per layer (float64 N×C_l), before standardisation and sigmoid."""
+        reduce, loss = STATES[self.statistic]
         parts = batched(outputs, self.batch_size, self.method_id, lambda model, xb: layer_pass(
-            model, xb, layers, "output", _product, kl_to_uniform, self.method_id))
+            model, xb, layers, "output", reduce, loss, self.method_id))
         if not parts:
             return [torch.zeros(0, 0, dtype=torch.float64) for _ in layers]
         return [torch.cat([p[name] for p in parts]) for name in layers]

@@ -41,8 +41,9 @@ from gradosr.detectors.registry import register
 from gradosr.errors import DataError
 
 
-def _restored_mahalanobis(means: np.ndarray, whiten: np.ndarray, chunk_size: int | None) -> Mahalanobis:
-    m = Mahalanobis(chunk_size=chunk_size)
+def _restored_mahalanobis(means: np.ndarray, whiten: np.ndarray, chunk_size: int | None,
+                          source: str = "features") -> Mahalanobis:
+    m = Mahalanobis(chunk_size=chunk_size, source=source)
     m.means_, m.whiten_ = means, whiten
     m._restored()
     m.fitted_ = True
@@ -58,10 +59,15 @@ class RMDS(Scorer):
     needs_fit = True
     _state_tensors = ("means_", "whiten_", "background_mean_", "background_whiten_")
 
-    def __init__(self, chunk_size: int | None = None) -> None:
-        """``chunk_size``: queries per block (None: automatic); it does not change results."""
+    def __init__(self, chunk_size: int | None = None, source: str = "features") -> None:
+        """``chunk_size``: queries per block (None: automatic); it does not change results.
+        ``source``: the representation (a ScorerInputs field or ``gradients`` key; the
+        ``plus`` family's ``relative_mahalanobis`` gradient metric reads ``projection``)."""
         self.chunk_size = check_chunk_size(chunk_size)
-        self.params = {"layer": "penultimate", "covariance": "tied (class-centred, 1/N)",
+        self.source = source
+        self.needs = (source,)
+        self.params = {"layer": "penultimate" if source == "features" else source,
+                       "covariance": "tied (class-centred, 1/N)",
                        "background": "one Gaussian of all training features (1/N)",
                        "inverse": "pseudo-inverse, eigenvalue cutoff D*eps*max", "rank": None,
                        "background_rank": None}
@@ -77,7 +83,7 @@ class RMDS(Scorer):
         """Add one chunk to the class-conditional and the background Gaussians (streamed)."""
         if getattr(self, "_moments", None) is None:
             self._start_fit()
-        accumulate_moments(self._moments, chunk, labels, "features", "RMDS", single_class=[False, True])
+        accumulate_moments(self._moments, chunk, labels, self.source, "RMDS", single_class=[False, True])
 
     def _finalize(self) -> None:
         """The class-conditional Gaussians (tied covariance) and the background Gaussian."""
@@ -95,8 +101,9 @@ class RMDS(Scorer):
     def _restored(self) -> None:
         for name in self._state_tensors:  # C-ordered float64, as after a save/load round trip
             setattr(self, name, np.ascontiguousarray(np.asarray(getattr(self, name), dtype=np.float64)))
-        self.classes_ = _restored_mahalanobis(self.means_, self.whiten_, self.chunk_size)
-        self.background_ = _restored_mahalanobis(self.background_mean_, self.background_whiten_, self.chunk_size)
+        self.classes_ = _restored_mahalanobis(self.means_, self.whiten_, self.chunk_size, self.source)
+        self.background_ = _restored_mahalanobis(self.background_mean_, self.background_whiten_, self.chunk_size,
+                                                 self.source)
         self.params = {**self.params, "rank": self.classes_.rank_, "background_rank": self.background_.rank_}
 
     def relative_distances(self, inputs: ScorerInputs) -> np.ndarray:

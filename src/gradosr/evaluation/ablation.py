@@ -154,6 +154,28 @@ VARIANTS: list[Variant] = [
           ("plus-kfac-act-whitened", {"gradient_rep": "kfac", "gradient_metric": "mahalanobis"},
            "plus-kfac-act with a fourth signal: the Mahalanobis distance of the per-layer log whitened gradient "
            "norms", "Martens & Grosse, ICML 2015")]],
+    # round 5 (docs/ablation.md): the class-conditional gradient (issue 21, items 2 and 5) and the
+    # activation-gradient statistics of the blocks (item 3), each beside the activation signal
+    *[Variant(name, "plus", {"signals": ("activation", "gradient", "features", "max_logit"),
+                             "gradient_rep": "projection", "gradient_metric": metric}, change, cite)
+      for name, metric, change, cite in [
+          ("plus-kfac-act-gradpca", "gradpca",
+           "plus-kfac-act with a fourth signal: minus the share of the projected full gradient off the span of "
+           "the known training gradients' class means", "Seleznova et al., ICLR 2026 (GradPCA)"),
+          ("plus-kfac-act-predicted", "mahalanobis_predicted",
+           "plus-kfac-act with a fourth signal: the Mahalanobis distance of the projected full gradient to the "
+           "predicted class's mean", "Lee et al., NeurIPS 2018, in gradient space"),
+          ("plus-kfac-act-relative", "relative_mahalanobis",
+           "plus-kfac-act with a fourth signal: the relative Mahalanobis distance (class-conditional minus "
+           "background) of the projected full gradient", "Ren et al., 2021 (RMDS), in gradient space")]],
+    *[Variant(name, "plus", {"signals": ("activation", signal, "features", "max_logit")}, change, cite)
+      for name, signal, change, cite in [
+          ("plus-kfac-act-nac", "nac", "plus-kfac-act with a fourth signal: NAC-UE's coverage of the blocks' "
+           "activation-gradient states", "Liu et al., ICLR 2024 (NAC)"),
+          ("plus-kfac-act-coverage", "coverage", "control of plus-kfac-act-nac: the coverage of the activation "
+           "states alone (no gradient)", ""),
+          ("plus-kfac-act-gaia", "gaia", "plus-kfac-act with a fourth signal: GAIA-A's channel-wise average "
+           "attribution abnormality", "Chen et al., NeurIPS 2023 (GAIA)")]],
     Variant("plus-gradorth", "plus", {"signals": ("gradorth", "features", "max_logit")},
             "GradOrth's projected head-gradient norm in place of the gradient kNN", "Behpour et al., NeurIPS 2023"),
     Variant("plus-gradnorm", "plus", {"signals": ("gradnorm", "features", "max_logit")},

@@ -24,7 +24,7 @@ from gradosr.checkpoint import under_prefix, with_prefix
 from gradosr.classifier import Classifier
 from gradosr.data.calibration_outliers import make_outliers
 from gradosr.detectors.calibration import CALIBRATORS
-from gradosr.detectors.fusion import FusedScorer
+from gradosr.detectors.fusion import FusedScorer, signal_scorers
 from gradosr.detectors.inputs import ScorerInputs
 from gradosr.errors import CheckpointError
 from gradosr.gradients import select_parameters
@@ -55,6 +55,10 @@ class FusedMethod:
         """Whether the K-FAC factors are fitted: the kfac gradient representation or the
         ``activation`` signal (its activation factors)."""
         return self._uses("kfac") or "activation" in self.config.fusion.signals
+
+    def _runs_model(self) -> bool:
+        """Whether a signal runs the classifier itself (it reads ``model`` and ``inputs``)."""
+        return any(sc.needs_model for sc in signal_scorers(self.config.fusion).values())
 
     def fit(self, ctx: FitContext, data: FitData) -> "FusedMethod":
         """Streamed: the known training and held-out inputs are read chunk by chunk
@@ -110,6 +114,8 @@ class FusedMethod:
         rep, fus = self.config.representation, self.config.fusion
         logits, feats = clf.logits_and_features(x)
         out = ScorerInputs(logits.to(torch.float64), feats.to(torch.float64))
+        if self._runs_model():  # nac, coverage, gaia: they run the classifier on the inputs themselves
+            out.model, out.inputs = clf.model, x
         if self._uses("head"):
             out.gradients["logit_grad"] = logit_gradient(logits, rep.target, rep.n_ones, rep.output)
         if self._uses("norms"):
