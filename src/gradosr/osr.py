@@ -4,8 +4,9 @@ Gradient-Based Representations", ICIP 2021, as a thin scikit-learn-style estimat
 1. A closed-set classifier is trained on the K known classes (or brought by the user).
 2. A method strategy (:mod:`gradosr.methods`) is fitted on it: ``proxy`` (the paper,
    §3.2: an MLP on a proxy classifier's gradient representations, Eq. 1) or ``fusion``
-   (the ``plus`` preset: kNN in gradient space, kNN on features and the max logit,
-   calibrated on held-out knowns; docs/ablation.md).
+   (the ``plus`` preset: the Fisher-whitened gradient norms and the activation norms of
+   the layers below the head, kNN on features and the max logit, calibrated on held-out
+   knowns; docs/ablation.md).
 3. An input is accepted as known when its score reaches the threshold (the paper:
    P(known) >= 0.95), else labelled -1 (unknown); accepted inputs get the argmax.
 

@@ -84,8 +84,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     from gradosr.methods.config import DEFAULT_PRESET, PRESETS
 
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
-                   help=f"{DEFAULT_PRESET} (default: kNN in gradient space + kNN on features + max logit, "
-                        "docs/ablation.md) or paper (Lee & AlRegib's proxy-split MLP as stated)")
+                   help=f"{DEFAULT_PRESET} (default: Fisher-whitened gradients and activations of the layers "
+                        "below the head + kNN on features + max logit, docs/ablation.md) or paper (Lee & AlRegib's proxy-split MLP as stated)")
     add_method_flags(p)
 
 

@@ -1,7 +1,7 @@
 """The ``plus`` preset's strategy (``OSRConfig.method == "fusion"``): no proxy
 classifier; the final classifier's known training samples are modelled directly by the
-fused detector (:class:`gradosr.detectors.fusion.FusedScorer`: kNN in gradient space,
-kNN on features, max logit, …), calibrated on the held-out knowns.
+fused detector (:class:`gradosr.detectors.fusion.FusedScorer`: a gradient signal, the
+activation signal, kNN on features, max logit, …), calibrated on the held-out knowns.
 
 The gradient representations it computes (:meth:`FusedMethod.inputs`): the logit
 gradient g (N×K) of the configured loss, whose outer product with the features is the
