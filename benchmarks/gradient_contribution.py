@@ -21,6 +21,13 @@ threshold accepting 95% of the validation knowns). Writes
 of both, and their means; ``--set`` names the unknown set of a multi-set report
 (``REPORT/<set>/results.json``; the runs are shared). No unknown class is used for
 anything but the metrics.
+
+    PYTHONPATH=src python benchmarks/gradient_contribution.py --merge OUT A B ... [--set NAME]
+
+merges the ``gradient_contribution.json`` of several report folders on disjoint splits
+(seeds run in separate sessions, as ``benchmarks/merge_results.py`` merges their
+``results.json``) into ``OUT``: every record as it was, the means recomputed over all of
+them, every run's command listed.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import numpy as np
 
 from gradosr.data.protocols import ProtocolSpec, load_protocol
 from gradosr.detectors.calibration import FisherCombination
+from gradosr.errors import GradOSRError
 from gradosr.evaluation.records import results_record
 from gradosr.evaluation.scoring import test_labels, test_source
 from gradosr.metrics.ranking import threshold_at_tpr
@@ -120,12 +128,58 @@ def markdown(name: str, records: list[dict], summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(results: Path, commands: list[str], records: list[dict]) -> dict:
+    """``results/gradient_contribution.{json,md}`` from ``records``; returns the summary."""
+    summary = summarise(records)
+    (results / "gradient_contribution.json").write_text(
+        json.dumps({"command": commands[0] if len(commands) == 1 else commands,
+                    "records": records, "summary": summary}, indent=2) + "\n")
+    (results / "gradient_contribution.md").write_text(markdown(results.name, records, summary))
+    return summary
+
+
+def merge(out: Path, folders: list[Path]) -> list[dict]:
+    """The records of ``folder/gradient_contribution.json`` for every folder, in order,
+    refusing a split that two of them hold; writes ``out``'s files and returns the records."""
+    commands, records, seen = [], [], set()
+    for folder in folders:
+        try:
+            doc = json.loads((folder / "gradient_contribution.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise GradOSRError(f"{folder}: no readable gradient_contribution.json ({exc})") from None
+        splits = {r["split"] for r in doc["records"]}
+        if splits & seen:
+            raise GradOSRError(f"{folder}: split(s) {sorted(splits & seen)} already merged")
+        seen |= splits
+        cmd = doc["command"]
+        commands += cmd if isinstance(cmd, list) else [cmd]
+        records += doc["records"]
+    out.mkdir(parents=True, exist_ok=True)
+    write(out, commands, records)
+    return records
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("reports", nargs="+", type=Path)
     ap.add_argument("--set", dest="sets", action="append", default=None,
                     help="unknown set folder(s) of a multi-set report (default: the report itself)")
+    ap.add_argument("--merge", action="store_true",
+                    help="merge the gradient_contribution.json of REPORTS[1:] into REPORTS[0] (per --set)")
     args = ap.parse_args(argv)
+    if args.merge:
+        if len(args.reports) < 2:
+            ap.error("--merge needs OUT and at least one report folder")
+        out, sources = args.reports[0], args.reports[1:]
+        for name in (args.sets or [None]):
+            sub = (lambda p: p / name) if name else (lambda p: p)
+            try:
+                merge(sub(out), [sub(p) for p in sources])
+            except GradOSRError as exc:
+                print(f"gradient_contribution: error: {exc}", file=sys.stderr)
+                return 2
+            print((sub(out) / "gradient_contribution.md").read_text())
+        return 0
     for report in args.reports:
         for results in ([report / s for s in args.sets] if args.sets else [report]):
             doc = json.loads((results / "results.json").read_text())
@@ -133,12 +187,8 @@ def main(argv=None) -> int:
             for entry in doc["splits"]:
                 records += split_records(report, results, entry)
                 print(json.dumps(records[-2:]), flush=True)
-            summary = summarise(records)
-            (results / "gradient_contribution.json").write_text(
-                json.dumps({"command": "python benchmarks/gradient_contribution.py " + " ".join(sys.argv[1:]),
-                            "records": records, "summary": summary}, indent=2) + "\n")
-            (results / "gradient_contribution.md").write_text(markdown(results.name, records, summary))
-            print(markdown(results.name, records, summary))
+            write(results, ["python benchmarks/gradient_contribution.py " + " ".join(sys.argv[1:])], records)
+            print((results / "gradient_contribution.md").read_text())
     return 0
 
 

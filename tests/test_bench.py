@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,9 +113,6 @@ def test_every_record_carries_its_cost(bench):
 def test_documents_of_single_splits_merge_into_the_two_split_document(bench, tmp_path):
     """Split 1's run and split 0's run, merged (in either order), give the records, the
     mean ± std summary and the cost of the one run over both splits."""
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from gradosr.evaluation.benchmark import merge_documents
 
@@ -177,3 +178,41 @@ def test_unknown_method_is_refused(tmp_path):
     s.methods = ["msp", "nope"]
     with pytest.raises(GradOSRError, match="nope"):
         run_benchmark(s, log=lambda s: None)
+
+
+def test_gradient_contribution_merge(tmp_path):
+    """``gradient_contribution.py --merge`` keeps every record and recomputes the means
+    over all of them (NumPy on the concatenated records); a split held twice is refused
+    in one line, with nothing written."""
+    rng = np.random.default_rng(0)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gradient_contribution.py"
+    parts = {}
+    for name, splits in (("a", [1]), ("b", [2, 3])):
+        records = [{"method": m, "split": s, "auroc": float(rng.uniform(0.9, 1)),
+                    "macro_f1_tpr95": float(rng.uniform(0.8, 0.9)), "fpr95": float(rng.uniform(0, 0.1))}
+                   for s in splits for m in ("plus", "plus-no-gradient-signal")]
+        parts[name] = records
+        (tmp_path / name / "set1").mkdir(parents=True)
+        (tmp_path / name / "set1" / "gradient_contribution.json").write_text(
+            json.dumps({"command": f"run {name}", "records": records, "summary": {}}))
+    done = subprocess.run([sys.executable, str(script), "--merge", str(tmp_path / "m"), str(tmp_path / "a"),
+                           str(tmp_path / "b"), "--set", "set1"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(script).parents[1] / "src")})
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((tmp_path / "m" / "set1" / "gradient_contribution.json").read_text())
+    everything = parts["a"] + parts["b"]
+    assert doc["records"] == everything and doc["command"] == ["run a", "run b"]
+    for method in ("plus", "plus-no-gradient-signal"):
+        for key in ("auroc", "macro_f1_tpr95", "fpr95"):
+            values = [r[key] for r in everything if r["method"] == method]
+            assert doc["summary"][method][key]["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+            assert doc["summary"][method][key]["std"] == pytest.approx(np.std(values), abs=1e-12)
+    auroc = {m: np.mean([r["auroc"] for r in everything if r["method"] == m]) for m in ("plus", "plus-no-gradient-signal")}
+    assert doc["summary"]["delta_auroc"] == pytest.approx(auroc["plus"] - auroc["plus-no-gradient-signal"], abs=1e-12)
+    md = (tmp_path / "m" / "set1" / "gradient_contribution.md").read_text()
+    assert [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")][1:] == ["1", "2", "3", "mean"]
+    again = subprocess.run([sys.executable, str(script), "--merge", str(tmp_path / "n"), str(tmp_path / "a"),
+                            str(tmp_path / "m"), "--set", "set1"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(Path(script).parents[1] / "src")})
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "already merged" in again.stderr
+    assert not (tmp_path / "n").exists()
