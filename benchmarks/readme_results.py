@@ -6,7 +6,8 @@ Usage::
     PYTHONPATH=src python benchmarks/readme_results.py          # rewrite README.md and docs/ablation.md
     PYTHONPATH=src python benchmarks/readme_results.py --print  # print the README section only
 
-The section between ``<!-- results:start -->`` and ``<!-- results:end -->`` is replaced:
+The section between ``<!-- results:start -->`` and ``<!-- results:end -->`` is replaced
+(and the synthetic-set table, and issue 21's targets table of ``issue_targets.py``):
 per protocol, its heading, the command that produced it, its wall time, the five
 methods of highest mean AUROC and the benchmark's mean ± std table
 (:func:`gradosr.evaluation.tables.markdown_table`, grouped by family).
@@ -42,6 +43,7 @@ TEST_REPORTS = [
 SYNTHETIC = "test-cross-fashion-mnist-to-synthetic"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 SYN_START, SYN_END = "<!-- synthetic:start -->", "<!-- synthetic:end -->"
+TARGETS_START, TARGETS_END = "<!-- targets:start -->", "<!-- targets:end -->"
 TABLES_START, TABLES_END = "<!-- tables:start -->", "<!-- tables:end -->"
 ABLATIONS = [
     ("mnist-sample", "Table 1: mnist-sample (tuning protocol), every variant"),
@@ -132,6 +134,10 @@ def main() -> None:
     synthetic = synthetic_table()
     if synthetic:
         replace_between(ROOT / "README.md", SYN_START, SYN_END, synthetic)
+    import issue_targets  # benchmarks/, beside this script
+
+    replace_between(ROOT / "README.md", TARGETS_START, TARGETS_END,
+                    issue_targets.markdown(*issue_targets.rows(ROOT / "reports")))
     replace_between(ROOT / "docs" / "ablation.md", TABLES_START, TABLES_END, ablation_tables())
 
 
