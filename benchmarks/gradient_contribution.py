@@ -27,7 +27,7 @@ anything but the metrics.
 merges the ``gradient_contribution.json`` of several report folders on disjoint splits
 (seeds run in separate sessions, as ``benchmarks/merge_results.py`` merges their
 ``results.json``) into ``OUT``: every record as it was, the means recomputed over all of
-them, every run's command listed.
+them, every run's command listed. Every set is read and checked before any is written.
 """
 
 from __future__ import annotations
@@ -128,19 +128,18 @@ def markdown(name: str, records: list[dict], summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(results: Path, commands: list[str], records: list[dict]) -> dict:
-    """``results/gradient_contribution.{json,md}`` from ``records``; returns the summary."""
+def write(results: Path, commands: list[str], records: list[dict]) -> None:
+    """``results/gradient_contribution.{json,md}`` from ``records``."""
     summary = summarise(records)
     (results / "gradient_contribution.json").write_text(
         json.dumps({"command": commands[0] if len(commands) == 1 else commands,
                     "records": records, "summary": summary}, indent=2) + "\n")
     (results / "gradient_contribution.md").write_text(markdown(results.name, records, summary))
-    return summary
 
 
-def merge(out: Path, folders: list[Path]) -> list[dict]:
-    """The records of ``folder/gradient_contribution.json`` for every folder, in order,
-    refusing a split that two of them hold; writes ``out``'s files and returns the records."""
+def gather(folders: list[Path]) -> tuple[list[str], list[dict]]:
+    """The commands and records of ``folder/gradient_contribution.json`` for every folder,
+    in order; refuses an unreadable file or a split that two of them hold."""
     commands, records, seen = [], [], set()
     for folder in folders:
         try:
@@ -154,9 +153,7 @@ def merge(out: Path, folders: list[Path]) -> list[dict]:
         cmd = doc["command"]
         commands += cmd if isinstance(cmd, list) else [cmd]
         records += doc["records"]
-    out.mkdir(parents=True, exist_ok=True)
-    write(out, commands, records)
-    return records
+    return commands, records
 
 
 def main(argv=None) -> int:
@@ -171,14 +168,16 @@ def main(argv=None) -> int:
         if len(args.reports) < 2:
             ap.error("--merge needs OUT and at least one report folder")
         out, sources = args.reports[0], args.reports[1:]
-        for name in (args.sets or [None]):
-            sub = (lambda p: p / name) if name else (lambda p: p)
-            try:
-                merge(sub(out), [sub(p) for p in sources])
-            except GradOSRError as exc:
-                print(f"gradient_contribution: error: {exc}", file=sys.stderr)
-                return 2
-            print((sub(out) / "gradient_contribution.md").read_text())
+        names = args.sets or [""]
+        try:  # every set is read and checked before any is written
+            merged = {name: gather([p / name for p in sources]) for name in names}
+        except GradOSRError as exc:
+            print(f"gradient_contribution: error: {exc}", file=sys.stderr)
+            return 2
+        for name, (commands, records) in merged.items():
+            (out / name).mkdir(parents=True, exist_ok=True)
+            write(out / name, commands, records)
+            print((out / name / "gradient_contribution.md").read_text())
         return 0
     for report in args.reports:
         for results in ([report / s for s in args.sets] if args.sets else [report]):

@@ -53,7 +53,7 @@ def best_other(summary: dict, key: str) -> tuple[str, float]:
 def row(label: str, summary: dict, contribution: dict | None) -> dict:
     """One protocol's numbers and verdicts (see the module docstring)."""
     plus = {k: summary["plus"][k]["mean"] for k in ("auroc", "macro_f1_tpr95", "fpr95")}
-    out = {"protocol": label, "plus": plus, "n": summary["plus"]["auroc"].get("n")}
+    out = {"protocol": label, "plus": plus}
     for key in ("auroc", "macro_f1_tpr95"):
         name, value = best_other(summary, key)
         out[key] = {"best": name, "best_mean": value, "gap": value - plus[key], "met": meets(plus[key], value)}

@@ -113,7 +113,6 @@ def test_every_record_carries_its_cost(bench):
 def test_documents_of_single_splits_merge_into_the_two_split_document(bench, tmp_path):
     """Split 1's run and split 0's run, merged (in either order), give the records, the
     mean ± std summary and the cost of the one run over both splits."""
-
     from gradosr.evaluation.benchmark import merge_documents
 
     out, doc = bench
@@ -182,8 +181,8 @@ def test_unknown_method_is_refused(tmp_path):
 
 def test_gradient_contribution_merge(tmp_path):
     """``gradient_contribution.py --merge`` keeps every record and recomputes the means
-    over all of them (NumPy on the concatenated records); a split held twice is refused
-    in one line, with nothing written."""
+    over all of them (NumPy on the concatenated records); a split held twice, or a set
+    one folder lacks, is refused in one line, with nothing written."""
     rng = np.random.default_rng(0)
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gradient_contribution.py"
     parts = {}
@@ -216,3 +215,12 @@ def test_gradient_contribution_merge(tmp_path):
                            env={**os.environ, "PYTHONPATH": str(Path(script).parents[1] / "src")})
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "already merged" in again.stderr
     assert not (tmp_path / "n").exists()
+    # a set missing from one folder: refused before the sets that could be merged are written
+    (tmp_path / "a" / "set2").mkdir()
+    (tmp_path / "a" / "set2" / "gradient_contribution.json").write_text(
+        (tmp_path / "a" / "set1" / "gradient_contribution.json").read_text())
+    partial = subprocess.run([sys.executable, str(script), "--merge", str(tmp_path / "k"), str(tmp_path / "a"),
+                              str(tmp_path / "b"), "--set", "set1", "--set", "set2"], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(script).parents[1] / "src")})
+    assert partial.returncode == 2 and len(partial.stderr.strip().splitlines()) == 1 and "set2" in partial.stderr
+    assert not (tmp_path / "k").exists()
